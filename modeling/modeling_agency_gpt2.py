@@ -1,0 +1,798 @@
+"""AgencyGPT2: GPT-2 whose attention heads carry gates, agency states and consent, and can be physically pruned.
+
+Read top to bottom: attention -> MLP -> block -> frozen baseline (fusion) -> PreTrainedModel base (pruning, agency
+dynamics) -> base model -> causal-LM head. Parameter names follow `GPT2LMHeadModel`, so a GPT-2 state dict loads
+as is. Head gates, agency states and consent are [n_layer, n_head] tensors applied by broadcasting: there is no
+Python loop over heads on the forward path.
+"""
+
+import math
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
+
+from ..configuration.configuration_agency_gpt2 import AGENCY_STATES, AgencyGPT2Config
+
+
+logger = logging.get_logger(__name__)
+
+ACTIVE, OVERLOADED, MISALIGNED, WITHDRAWN = range(4)
+
+
+def _is_tracing() -> bool:
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention that materializes the probabilities. Returns (B, T, nh, hs) and (B, nh, T, S)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(value.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def _slice_conv1d(layer: Conv1D, index: torch.Tensor, dim: int) -> Conv1D:
+    """A new Conv1D keeping `index` along `dim` of its (in, out) weight: dim=1 slices outputs, dim=0 inputs."""
+    index = index.to(layer.weight.device)
+    weight = layer.weight.index_select(dim, index).detach().clone()
+    bias = layer.bias.detach().clone() if dim == 0 else layer.bias.index_select(0, index).detach().clone()
+    new = Conv1D(weight.shape[1], weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        new.bias.copy_(bias)
+    new.weight.requires_grad_(layer.weight.requires_grad)
+    new.bias.requires_grad_(layer.bias.requires_grad)
+    return new
+
+
+class AgencyGPT2Attention(nn.Module):
+    """Causal self-attention over the heads this layer still has; each head's output is scaled by its gate."""
+
+    def __init__(self, config: AgencyGPT2Config, layer_idx: int, cache_idx: Optional[int] = None, prunable=True):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.cache_idx = layer_idx if cache_idx is None else cache_idx
+        self.head_dim = config.n_embd // config.n_head
+        kept = config.kept_heads(layer_idx) if prunable else list(range(config.n_head))
+        self.num_heads = len(kept)
+        # Original indices of the heads kept here; gates/states are looked up through it after pruning.
+        self.register_buffer("head_index", torch.tensor(kept, dtype=torch.long), persistent=False)
+        inner = self.num_heads * self.head_dim
+        self.c_attn = Conv1D(3 * inner, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, inner)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.attn_dropout_p = config.attn_pdrop
+        self.scaling = (self.head_dim**-0.5) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scaling /= float(layer_idx + 1)
+        self.is_causal = True
+
+    def prune_heads(self, heads):
+        """Remove the heads with original indices `heads` (those already gone are ignored)."""
+        current = self.head_index.tolist()
+        remove = set(heads) & set(current)
+        if not remove:
+            return
+        keep = torch.tensor([p for p, h in enumerate(current) if h not in remove], dtype=torch.long)
+        cols = (keep[:, None] * self.head_dim + torch.arange(self.head_dim)).flatten()
+        inner = self.num_heads * self.head_dim
+        self.c_attn = _slice_conv1d(self.c_attn, torch.cat([cols, cols + inner, cols + 2 * inner]), dim=1)
+        self.c_proj = _slice_conv1d(self.c_proj, cols, dim=0)
+        self.head_index = self.head_index[keep.to(self.head_index.device)]
+        self.num_heads = len(keep)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        head_scale: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values: Optional[Cache] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        output_attentions: bool = False,
+        is_causal: bool = False,
+    ):
+        bsz, seq_len, _ = hidden_states.shape
+        if self.num_heads == 0:  # every head of this layer was pruned: the sublayer reduces to c_proj's bias
+            if past_key_values is not None:  # keep the cache's length bookkeeping for this layer
+                empty = hidden_states.new_zeros(bsz, 0, seq_len, self.head_dim)
+                past_key_values.update(empty, empty, self.cache_idx, {"cache_position": cache_position})
+            out = self.c_proj.bias.to(hidden_states.dtype).expand(bsz, seq_len, -1)
+            return self.resid_dropout(out), None
+
+        query, key, value = self.c_attn(hidden_states).split(self.num_heads * self.head_dim, dim=2)
+        shape = (bsz, seq_len, self.num_heads, self.head_dim)
+        query = query.view(shape).transpose(1, 2)  # (B, nh, T, hs)
+        key = key.view(shape).transpose(1, 2)
+        value = value.view(shape).transpose(1, 2)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.cache_idx, {"cache_position": cache_position})
+
+        attention_interface: Callable = eager_attention_forward
+        if self.config._attn_implementation != "eager" and not output_attentions:
+            attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attn_dropout_p if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=is_causal,
+        )  # (B, T, nh, hs)
+
+        # Gates, agency state and consent: one broadcast multiply over the heads.
+        attn_output = attn_output * head_scale.to(attn_output.dtype).view(1, 1, -1, 1)
+        attn_output = attn_output.reshape(bsz, seq_len, -1)
+        attn_output = self.resid_dropout(self.c_proj(attn_output))
+        return attn_output, attn_weights
+
+
+class AgencyGPT2MLP(nn.Module):
+    def __init__(self, config: AgencyGPT2Config):
+        super().__init__()
+        inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.c_fc = Conv1D(inner, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, inner)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden_states):
+        return self.dropout(self.c_proj(self.act(self.c_fc(hidden_states))))
+
+
+class AgencyGPT2Block(GradientCheckpointingLayer):
+    def __init__(self, config: AgencyGPT2Config, layer_idx: int, cache_idx: Optional[int] = None, prunable=True):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = AgencyGPT2Attention(config, layer_idx, cache_idx, prunable)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = AgencyGPT2MLP(config)
+
+    def forward(
+        self,
+        hidden_states,
+        head_scale,
+        attention_mask=None,
+        past_key_values=None,
+        cache_position=None,
+        output_attentions=False,
+        is_causal=False,
+    ):
+        attn_output, attn_weights = self.attn(
+            self.ln_1(hidden_states),
+            head_scale,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            cache_position=cache_position,
+            output_attentions=output_attentions,
+            is_causal=is_causal,
+        )
+        hidden_states = hidden_states + attn_output
+        hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        return hidden_states, attn_weights
+
+
+class AgencyGPT2ZeroInitLinear(nn.Linear):
+    """A linear layer initialized to zero, so the path it opens starts closed (the model stays exactly GPT-2)."""
+
+
+class AgencyGPT2FusionAdapter(nn.Module):
+    """Bottleneck adapter applied to a baseline hidden state before it is mixed in by a (zero-initialized) gate."""
+
+    def __init__(self, config: AgencyGPT2Config):
+        super().__init__()
+        self.ln = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.down = nn.Linear(config.n_embd, config.fusion_adapter_dim)
+        self.up = nn.Linear(config.fusion_adapter_dim, config.n_embd)
+
+    def forward(self, hidden_states):
+        return self.up(F.gelu(self.down(self.ln(hidden_states))))
+
+
+class AgencyGPT2Baseline(nn.Module):
+    """A frozen, unpruned GPT-2 run in lock-step with the agency model; its per-layer hidden states feed fusion.
+
+    Its blocks use cache slots n_layer..2*n_layer-1 of the same `Cache`, so generation with a cache just works.
+    """
+
+    def __init__(self, config: AgencyGPT2Config):
+        super().__init__()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.h = nn.ModuleList(
+            [AgencyGPT2Block(config, i, cache_idx=config.n_layer + i, prunable=False) for i in range(config.n_layer)]
+        )
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.register_buffer("unit_scale", torch.ones(config.n_head), persistent=False)
+        self.requires_grad_(False)
+
+
+class AgencyGPT2PreTrainedModel(PreTrainedModel):
+    config_class = AgencyGPT2Config
+    config: AgencyGPT2Config
+    base_model_prefix = "transformer"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AgencyGPT2Block"]
+    _skip_keys_device_placement = "past_key_values"
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+    _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, AgencyGPT2ZeroInitLinear):
+            module.weight.data.zero_()
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, (nn.Linear, Conv1D)):
+            module.weight.data.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            module.bias.data.zero_()
+            module.weight.data.fill_(1.0)
+        elif isinstance(module, AgencyGPT2Model):
+            module.head_gates.data.fill_(1.0)
+            module.reset_agency_state()
+            if module.fusion_gates is not None:
+                module.fusion_gates.data.zero_()
+            if module.hybrid_gate is not None:
+                module.hybrid_gate.data.zero_()
+        # GPT-2's scaled init of the residual projections (2 residual sublayers per block).
+        if isinstance(module, (AgencyGPT2Attention, AgencyGPT2MLP)):
+            module.c_proj.weight.data.normal_(mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    # ------------------------------------------------------------------ pruning
+    def prune_heads(self, heads_to_prune: dict):
+        """Physically remove heads: `{layer: [original head indices]}`. Heads already pruned are ignored.
+
+        Slices the q/k/v columns of `c_attn` and the rows of `c_proj`; layers may keep different head counts and a
+        layer with no head left skips attention. `config.pruned_heads` records the union, so `save_pretrained` ->
+        `from_pretrained` rebuilds the pruned shapes.
+        """
+        base = self.base_model
+        cfg = self.config
+        merged = {layer: set(heads) for layer, heads in cfg.pruned_heads.items()}
+        for layer, heads in heads_to_prune.items():
+            if not isinstance(layer, int) or not 0 <= layer < cfg.n_layer:
+                raise ValueError(f"Cannot prune layer {layer!r}: allowed layers are 0..{cfg.n_layer - 1}.")
+            heads = list(heads)
+            bad = [h for h in heads if not isinstance(h, int) or not 0 <= h < cfg.n_head]
+            if bad:
+                raise ValueError(f"Cannot prune heads {bad} of layer {layer}: allowed heads are 0..{cfg.n_head - 1}.")
+            merged.setdefault(layer, set()).update(heads)
+        if sum(len(h) for h in merged.values()) >= cfg.n_layer * cfg.n_head:
+            raise ValueError(
+                f"Pruning {heads_to_prune} would remove every head of the model ({cfg.n_layer * cfg.n_head}); "
+                "at least one head must remain."
+            )
+        for layer, heads in heads_to_prune.items():
+            base.h[layer].attn.prune_heads(list(heads))
+        cfg.pruned_heads = {layer: sorted(heads) for layer, heads in sorted(merged.items()) if heads}
+
+    def num_heads_per_layer(self) -> list:
+        return [block.attn.num_heads for block in self.base_model.h]
+
+    def pruned_head_mask(self) -> torch.Tensor:
+        """[n_layer, n_head] bool: True where a head was physically removed."""
+        mask = torch.zeros(self.config.n_layer, self.config.n_head, dtype=torch.bool)
+        for layer, heads in self.config.pruned_heads.items():
+            mask[layer, heads] = True
+        return mask
+
+    # ------------------------------------------------------------------ agency
+    def measure_utilization(self, input_ids, attention_mask=None):
+        """Run a no-grad forward that materializes attention and fold its entropy into the utilization EMA."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True,
+                                  use_cache=False)
+        self.train(was_training)
+        self.observe_attentions(out.attentions, attention_mask)
+        return self.base_model.utilization.clone()
+
+    def observe_attentions(self, attentions, attention_mask=None):
+        """Update the per-head utilization EMA from attention probabilities (one tensor per layer, (B, nh, T, S)).
+
+        Utilization is the attention entropy of each query row divided by log(number of keys it may see), so 0
+        means a head always attends to a single token and 1 means uniform attention; rows that can see one key
+        only, and padding queries, are left out.
+        """
+        base = self.base_model
+        entropy = torch.full_like(base.utilization, float("nan"))
+        for layer, probs in enumerate(attentions):
+            if probs is None or probs.shape[1] == 0:
+                continue
+            probs = probs.detach().float()
+            visible = (probs > 0).sum(-1)  # (B, nh, T)
+            row_entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+            normalized = row_entropy / visible.clamp_min(2).float().log()
+            valid = visible > 1
+            if attention_mask is not None:
+                valid = valid & attention_mask[:, None, -probs.shape[2]:].bool()
+            valid = valid.float()
+            per_head = (normalized * valid).sum((0, 2)) / valid.sum((0, 2)).clamp_min(1.0)
+            entropy[layer, base.h[layer].attn.head_index.to(entropy.device)] = per_head.to(entropy.device)
+        seen = ~torch.isnan(entropy)
+        decay = self.config.utilization_decay
+        first = seen & (base.observations == 0)
+        updated = torch.where(first, entropy, decay * base.utilization + (1 - decay) * entropy)
+        base.utilization.copy_(torch.where(seen, updated, base.utilization))
+        base.observations.add_(seen.long())
+
+    def observe_gate_gradients(self):
+        """Fold `head_gates.grad` (call after backward) into the importance and signed-gradient EMAs."""
+        base = self.base_model
+        grad = base.head_gates.grad
+        if grad is None:
+            return
+        grad = grad.detach().float()
+        decay = self.config.utilization_decay
+        base.importance.mul_(decay).add_((1 - decay) * grad.abs())
+        base.gate_grad_ema.mul_(decay).add_((1 - decay) * grad)
+
+    @torch.no_grad()
+    def update_agency_states(self):
+        """One tensorized state transition for every head (see `AgencyGPT2Config` for the thresholds)."""
+        base, cfg = self.base_model, self.config
+        state, age, streak = base.head_state, base.state_age, base.overload_streak
+        live = ~self.pruned_head_mask().to(state.device)
+        consent = base.consent > 0
+
+        overloaded_now = (base.utilization >= cfg.overload_threshold) & (base.observations > 0)
+        scale = base.importance[live].mean().clamp_min(1e-12) if live.any() else base.importance.new_tensor(1.0)
+        misaligned_now = (base.gate_grad_ema / scale) > cfg.misalignment_threshold
+
+        streak.copy_(torch.where(overloaded_now, streak + 1, torch.zeros_like(streak)))
+        active = state == ACTIVE
+        trigger = torch.where(misaligned_now, MISALIGNED, ACTIVE)
+        trigger = torch.where(overloaded_now, OVERLOADED, trigger)
+        trigger = torch.where(streak >= cfg.withdraw_after, WITHDRAWN, trigger)
+
+        age.copy_(torch.where(active, torch.zeros_like(age), age + 1))
+        recovered = ~active & (age >= cfg.recovery_period)
+        escalate = (state == OVERLOADED) & (trigger == WITHDRAWN)
+        new_state = torch.where(active, trigger, state)
+        new_state = torch.where(escalate, WITHDRAWN, new_state)
+        new_state = torch.where(recovered, ACTIVE, new_state)
+        age.copy_(torch.where(recovered | escalate | (new_state != state), torch.zeros_like(age), age))
+        streak.copy_(torch.where(recovered, torch.zeros_like(streak), streak))
+        new_state = torch.where(consent, new_state, WITHDRAWN)  # consent withdrawn overrides everything
+        state.copy_(torch.where(live, new_state, state))
+
+    @torch.no_grad()
+    def controller_step(self, step: int) -> dict:
+        """Move gate logits from the utilization (down) and gradient-importance (up) signals; regrow useful heads.
+
+        Acts only after `controller_warmup_steps` and every `controller_update_frequency` steps. Returns counts.
+        """
+        base, cfg = self.base_model, self.config
+        if step < cfg.controller_warmup_steps or step % cfg.controller_update_frequency != 0:
+            return {"moved": 0, "regrown": 0}
+        gates = base.head_gates
+        eligible = (~self.pruned_head_mask().to(gates.device)) & (base.consent > 0)
+        if int(eligible.sum()) < 2:
+            return {"moved": 0, "regrown": 0}
+
+        def standardize(x):
+            values = x[eligible]
+            return (x - values.mean()) / values.std().clamp_min(1e-12)
+
+        z_importance = standardize(base.importance)
+        z_utilization = standardize(base.utilization)
+        signal = cfg.controller_gradient_weight * z_importance - cfg.controller_entropy_weight * z_utilization
+        logits = torch.logit(gates.float().clamp(1e-4, 1 - 1e-4)) + cfg.controller_lr * signal
+        moved = torch.where(eligible, torch.sigmoid(logits), gates.float())
+
+        regrow = eligible & (gates < cfg.gate_prune_threshold) & (z_importance > cfg.regrowth_threshold)
+        moved = torch.where(regrow, torch.full_like(moved, cfg.regrowth_gate), moved)
+        gates.copy_(moved.to(gates.dtype))
+        return {"moved": int(eligible.sum()), "regrown": int(regrow.sum())}
+
+    def agency_step(self, step: int) -> dict:
+        """Gradient bookkeeping, state transitions and controller for one training step (call after backward)."""
+        self.observe_gate_gradients()
+        self.update_agency_states()
+        return self.controller_step(step)
+
+    @torch.no_grad()
+    def set_consent(self, heads: dict, consent: bool):
+        """Give or withdraw consent: `{layer: [heads]}`. A head without consent is masked (state `withdrawn`)."""
+        base, cfg = self.base_model, self.config
+        for layer, idx in heads.items():
+            if not 0 <= layer < cfg.n_layer or any(not 0 <= h < cfg.n_head for h in idx):
+                raise ValueError(f"set_consent got layer {layer} heads {list(idx)}; allowed layers 0..{cfg.n_layer - 1}, "
+                                 f"heads 0..{cfg.n_head - 1}.")
+            base.consent[layer, list(idx)] = 1.0 if consent else 0.0
+            if consent:
+                restore = base.head_state[layer, list(idx)] == WITHDRAWN
+                base.head_state[layer, list(idx)] = torch.where(restore, ACTIVE, base.head_state[layer, list(idx)])
+            else:
+                base.head_state[layer, list(idx)] = WITHDRAWN
+
+    def agency_report(self) -> dict:
+        """Per-head state, gate, consent, utilization and importance, plus counts per state."""
+        base = self.base_model
+        pruned = self.pruned_head_mask()
+        states = base.head_state.cpu()
+        gates = base.head_gates.detach().float().cpu()
+        heads = []
+        for layer in range(self.config.n_layer):
+            for head in range(self.config.n_head):
+                heads.append(
+                    {
+                        "layer": layer,
+                        "head": head,
+                        "state": "pruned" if pruned[layer, head] else AGENCY_STATES[int(states[layer, head])],
+                        "gate": float(gates[layer, head]),
+                        "consent": bool(base.consent[layer, head] > 0),
+                        "utilization": float(base.utilization[layer, head]),
+                        "importance": float(base.importance[layer, head]),
+                    }
+                )
+        counts = {name: 0 for name in (*AGENCY_STATES, "pruned")}
+        for entry in heads:
+            counts[entry["state"]] += 1
+        return {"heads": heads, "counts": counts, "heads_per_layer": self.num_heads_per_layer()}
+
+
+class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
+    def __init__(self, config: AgencyGPT2Config):
+        super().__init__(config)
+        L, H = config.n_layer, config.n_head
+        self.embed_dim = config.n_embd
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList([AgencyGPT2Block(config, i) for i in range(L)])
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+        # Head gates (learnable) and agency state (buffers, saved with the model), all [n_layer, n_head].
+        self.head_gates = nn.Parameter(torch.ones(L, H))
+        self.register_buffer("head_state", torch.zeros(L, H, dtype=torch.long))
+        self.register_buffer("consent", torch.ones(L, H))
+        self.register_buffer("utilization", torch.zeros(L, H))
+        self.register_buffer("importance", torch.zeros(L, H))
+        self.register_buffer("gate_grad_ema", torch.zeros(L, H))
+        self.register_buffer("observations", torch.zeros(L, H, dtype=torch.long))
+        self.register_buffer("state_age", torch.zeros(L, H, dtype=torch.long))
+        self.register_buffer("overload_streak", torch.zeros(L, H, dtype=torch.long))
+        self.register_buffer(
+            "state_scale", torch.tensor([1.0, config.overloaded_scale, config.misaligned_scale, 0.0]), persistent=False
+        )
+
+        # U-Net skips: the output of layer i feeds the input of layer L-1-i through a zero-initialized projection.
+        self.unet_pairs = [(i, L - 1 - i) for i in range(L // 2)] if config.use_unet_skips else []
+        self.unet_skips = (
+            nn.ModuleList([AgencyGPT2ZeroInitLinear(config.n_embd, config.n_embd, bias=False) for _ in self.unet_pairs])
+            if config.use_unet_skips
+            else None
+        )
+        # Fusion with a frozen baseline GPT-2 and, on top, hybrid routing between the two.
+        self.baseline = AgencyGPT2Baseline(config) if config.use_baseline_fusion else None
+        self.fusion_adapters = (
+            nn.ModuleList([AgencyGPT2FusionAdapter(config) for _ in range(L)]) if config.use_baseline_fusion else None
+        )
+        self.fusion_gates = nn.Parameter(torch.zeros(L)) if config.use_baseline_fusion else None
+        self.router = nn.Linear(config.n_embd, 1) if config.hybrid_routing else None
+        self.hybrid_gate = nn.Parameter(torch.zeros(())) if config.hybrid_routing else None
+
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, new_embeddings):
+        self.wte = new_embeddings
+
+    @torch.no_grad()
+    def reset_agency_state(self):
+        for name in ("head_state", "utilization", "importance", "gate_grad_ema", "observations", "state_age",
+                     "overload_streak"):
+            getattr(self, name).zero_()
+        self.consent.fill_(1.0)
+
+    def _first_attending_layer(self) -> int:
+        """Cache slot that tells the cached length (a layer with every head pruned stores empty keys)."""
+        return next(i for i, block in enumerate(self.h) if block.attn.num_heads > 0)
+
+    def head_scales(self) -> torch.Tensor:
+        """[n_layer, n_head] multiplier of every head's output: gate x state factor x consent."""
+        return self.head_gates * self.state_scale[self.head_state] * self.consent
+
+    def _attention_mask(self, attention_mask, batch, q_len, past_len, dtype, device, need_explicit):
+        """Additive float mask (B|1, 1, T, S), or None when SDPA's own causal path is exact."""
+        if attention_mask is not None and not _is_tracing() and bool(attention_mask.all()):
+            attention_mask = None  # all-ones padding mask: same as none, and lets SDPA use its fast causal kernel
+        if attention_mask is None and not need_explicit and (past_len == 0 or q_len == 1):
+            return None
+        kv_len = past_len + q_len
+        keys = torch.arange(kv_len, device=device)
+        queries = torch.arange(past_len, kv_len, device=device)
+        allowed = (keys[None, :] <= queries[:, None])[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, :kv_len].bool()
+        zero = torch.zeros((), dtype=dtype, device=device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        **kwargs,
+    ) -> Union[tuple, BaseModelOutputWithPast]:
+        cfg = self.config
+        output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
+        use_cache = use_cache if use_cache is not None else cfg.use_cache
+        return_dict = return_dict if return_dict is not None else cfg.use_return_dict
+        if self.gradient_checkpointing and self.training and use_cache:
+            use_cache = False
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            if not _is_tracing() and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
+                raise ValueError(
+                    f"input_ids must be in [0, {cfg.vocab_size - 1}] (vocab_size={cfg.vocab_size}); got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+                )
+            inputs_embeds = self.wte(input_ids)
+        batch, seq_len = inputs_embeds.shape[:2]
+
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        if past_key_values is not None and self.baseline is not None:
+            while len(past_key_values.layers) < 2 * cfg.n_layer:  # cache slots for the baseline's blocks
+                past_key_values.layers.append(DynamicLayer())
+        past_len = past_key_values.get_seq_length(self._first_attending_layer()) if past_key_values is not None else 0
+        if past_len + seq_len > cfg.n_positions:
+            raise ValueError(
+                f"Sequence length {past_len + seq_len} (cache {past_len} + input {seq_len}) exceeds n_positions="
+                f"{cfg.n_positions}."
+            )
+        if cache_position is None:
+            cache_position = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = cache_position.unsqueeze(0)
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2-D (batch, past + input length); got {attention_mask.dim()}-D.")
+
+        use_eager = output_attentions or cfg._attn_implementation == "eager"
+        mask = self._attention_mask(
+            attention_mask, batch, seq_len, past_len, inputs_embeds.dtype, inputs_embeds.device, use_eager
+        )
+        is_causal = mask is None and seq_len > 1
+
+        hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
+        scales = self.head_scales()
+
+        base_states = None
+        if self.baseline is not None:
+            with torch.no_grad():
+                base_embeds = self.baseline.wte(input_ids) if input_ids is not None else inputs_embeds
+                base_states = base_embeds + self.baseline.wpe(position_ids)
+        skips = {}
+        skip_into = {dst: (k, src) for k, (src, dst) in enumerate(self.unet_pairs)}
+
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for i, block in enumerate(self.h):
+            if i in skip_into:
+                k, src = skip_into[i]
+                hidden_states = hidden_states + self.unet_skips[k](skips[src])
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+            attn = block.attn
+            layer_scale = scales[i] if attn.num_heads == cfg.n_head else scales[i].index_select(0, attn.head_index)
+            hidden_states, attn_weights = block(
+                hidden_states,
+                layer_scale,
+                attention_mask=mask,
+                past_key_values=past_key_values,
+                cache_position=cache_position,
+                output_attentions=output_attentions,
+                is_causal=is_causal,
+            )
+            if base_states is not None:
+                with torch.no_grad():
+                    base_states, _ = self.baseline.h[i](
+                        base_states,
+                        self.baseline.unit_scale,
+                        attention_mask=mask,
+                        past_key_values=past_key_values,
+                        cache_position=cache_position,
+                        is_causal=is_causal,
+                    )
+                hidden_states = hidden_states + self.fusion_gates[i] * self.fusion_adapters[i](base_states)
+            if self.unet_pairs and i < len(self.unet_pairs):
+                skips[i] = hidden_states
+            if output_attentions:
+                all_attentions = all_attentions + (attn_weights,)
+
+        hidden_states = self.ln_f(hidden_states)
+        if self.router is not None:
+            with torch.no_grad():
+                base_final = self.baseline.ln_f(base_states)
+            route = self.hybrid_gate * torch.sigmoid(self.router(hidden_states))  # (B, T, 1)
+            hidden_states = hidden_states + route * (base_final - hidden_states)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+
+        if not return_dict:
+            return tuple(
+                v for v in (hidden_states, past_key_values if use_cache else None, all_hidden_states, all_attentions)
+                if v is not None
+            )
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+
+
+class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: AgencyGPT2Config):
+        super().__init__(config)
+        self.transformer = AgencyGPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        past_key_values: Optional[Cache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_attentions: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        cache_position: Optional[torch.LongTensor] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[tuple, CausalLMOutputWithPast]:
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        outputs = self.transformer(
+            input_ids=input_ids,
+            past_key_values=past_key_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            cache_position=cache_position,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        if not return_dict:
+            output = (logits,) + tuple(
+                v for v in (outputs.past_key_values, outputs.hidden_states, outputs.attentions) if v is not None
+            )
+            return ((loss,) + output) if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    @classmethod
+    def from_gpt2(cls, model_or_path, **config_overrides) -> "AgencyGPT2ForCausalLM":
+        """Convert a GPT-2 checkpoint (`GPT2LMHeadModel`/`GPT2Model`, a local directory or a Hub id) to AgencyGPT2.
+
+        The weights are copied; with all gates at 1 and the optional extras off the result computes the same logits
+        as the source. `config_overrides` set AgencyGPT2 fields (e.g. `optimization_level=2`); with baseline fusion
+        on, the frozen baseline receives a copy of the same weights.
+        """
+        from transformers import AutoConfig, GPT2LMHeadModel, GPT2Model
+
+        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+            source_config = AutoConfig.from_pretrained(model_or_path)
+            if source_config.model_type != "gpt2":
+                raise ValueError(
+                    f"from_gpt2 expects a GPT-2 checkpoint (model_type 'gpt2'); {model_or_path!s} has model_type "
+                    f"{source_config.model_type!r}."
+                )
+            model_or_path = GPT2LMHeadModel.from_pretrained(model_or_path)
+        if not isinstance(model_or_path, (GPT2LMHeadModel, GPT2Model)):
+            raise ValueError(
+                "from_gpt2 expects a GPT2LMHeadModel, a GPT2Model, or a path/Hub id of a GPT-2 checkpoint; got "
+                f"{type(model_or_path).__name__}."
+            )
+        source = model_or_path
+        fields = source.config.to_dict()
+        for key in ("architectures", "model_type", "transformers_version", "_name_or_path", "auto_map",
+                    "task_specific_params", "torch_dtype", "dtype"):
+            fields.pop(key, None)
+        fields.update(config_overrides)
+        config = AgencyGPT2Config(**fields)
+        config._attn_implementation = getattr(source.config, "_attn_implementation", None) or "sdpa"
+        dtype = next(source.parameters()).dtype
+        model = cls(config).to(dtype)
+
+        state = source.state_dict()
+        if isinstance(source, GPT2Model):
+            state = {f"transformer.{k}": v for k, v in state.items()}
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise ValueError(f"from_gpt2: the checkpoint has weights AgencyGPT2 does not know: {unexpected[:5]}")
+        agency_only = ("head_gates", "head_state", "consent", "utilization", "importance", "gate_grad_ema",
+                       "observations", "state_age", "overload_streak", "unet_skips", "baseline", "fusion_",
+                       "router", "hybrid_gate")
+        not_copied = [k for k in missing if not any(part in k for part in agency_only)]
+        if not_copied:
+            raise ValueError(f"from_gpt2: GPT-2 weights missing from the checkpoint: {not_copied[:5]}")
+        if model.transformer.baseline is not None:
+            model.load_baseline(source)
+        model.tie_weights()
+        return model
+
+    @torch.no_grad()
+    def load_baseline(self, gpt2):
+        """Copy an (unpruned) GPT-2's weights into the frozen baseline used by fusion / hybrid routing."""
+        baseline = self.transformer.baseline
+        if baseline is None:
+            raise ValueError("This model has no baseline (use_baseline_fusion=False); set optimization_level >= 2.")
+        state = gpt2.state_dict()
+        prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        baseline.load_state_dict(state, strict=True)
+
+
+__all__ = [
+    "AgencyGPT2PreTrainedModel",
+    "AgencyGPT2Model",
+    "AgencyGPT2ForCausalLM",
+    "eager_attention_forward",
+]

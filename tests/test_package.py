@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from armada.tokenization import gpt2_tokenizer, save_gpt2_tokenizer
+
+
+def test_import_registers_auto_classes_in_a_fresh_interpreter():
+    code = (
+        "import armada\n"
+        "from transformers import AutoConfig, AutoModelForCausalLM, AutoModel\n"
+        "c = AutoConfig.for_model('agency_gpt2', n_layer=1, n_embd=16, n_head=2, vocab_size=10)\n"
+        "print(type(AutoModelForCausalLM.from_config(c)).__name__, type(AutoModel.from_config(c)).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["AgencyGPT2ForCausalLM", "AgencyGPT2Model"]
+
+
+def test_gpt2_tokenizer_is_the_real_gpt2_bpe():
+    tokenizer = gpt2_tokenizer()
+    assert len(tokenizer) == 50257
+    assert tokenizer.encode("Hello world") == [15496, 995]  # GPT-2's ids, as published
+    assert tokenizer.eos_token_id == 50256 and tokenizer.pad_token_id == 50256
+    text = "To be, or not to be: that is the question."
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_tokenizer_padding_side_and_save(tmp_path):
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        gpt2_tokenizer(padding_side="middle")
+    left = gpt2_tokenizer(padding_side="left")
+    batch = left(["a b c", "a"], padding=True, return_tensors="pt")
+    assert torch.equal(batch["attention_mask"][1], torch.tensor([0, 0, 1]))
+    path = save_gpt2_tokenizer(str(tmp_path / "tok"))
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(path).encode("Hello world") == [15496, 995]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tokenizer-")], "temp folder left behind"

@@ -1,0 +1,1 @@
+"""Trainer subclasses (distillation, curriculum) land here; see the issue tracker."""
