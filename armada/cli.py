@@ -1,0 +1,106 @@
+"""The `armada` command line.
+
+    armada prune --model DIR --level 0.5 --strategy importance --data text.txt --output DIR
+    armada report --model DIR
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+
+def _calibration_blocks(path: str, block_size: int, n_blocks: int, tokenizer):
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: calibration file {path!r} does not exist.")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    ids = tokenizer(text, return_attention_mask=False)["input_ids"][: block_size * n_blocks]
+    if len(ids) < block_size:
+        raise SystemExit(f"error: {path!r} has {len(ids)} tokens, fewer than one block of {block_size}.")
+    usable = len(ids) // block_size * block_size
+    return list(torch.tensor(ids[:usable]).view(-1, block_size).split(4))
+
+
+def _load(path: str):
+    import armada  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .modeling import AgencyGPT2ForCausalLM
+
+    if AutoConfig.from_pretrained(path).model_type == "gpt2":
+        return AgencyGPT2ForCausalLM.from_gpt2(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    if not isinstance(model, AgencyGPT2ForCausalLM):
+        raise SystemExit(f"error: {path!r} is a {type(model).__name__}; allowed: a GPT-2 or AgencyGPT2 checkpoint.")
+    return model
+
+
+def cmd_prune(args):
+    from .pruning import prune
+    from .tokenization import gpt2_tokenizer
+
+    model = _load(args.model).eval()
+    tokenizer = gpt2_tokenizer()
+    data = None
+    if args.strategy in ("entropy", "importance", "l0"):
+        if not args.data:
+            raise SystemExit(f"error: strategy {args.strategy!r} needs --data (a text file for calibration).")
+        data = _calibration_blocks(args.data, args.block_size, args.calibration_blocks, tokenizer)
+    selection = prune(model, args.level, args.strategy, data, per_layer=args.per_layer, seed=args.seed)
+    parent = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".armada-", dir=parent)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if os.path.isdir(args.output):
+            shutil.rmtree(args.output)
+        os.replace(tmp, args.output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(json.dumps({"pruned": {str(k): v for k, v in selection.items()},
+                      "heads_per_layer": model.num_heads_per_layer(), "output": args.output}))
+
+
+def cmd_report(args):
+    report = _load(args.model).agency_report()
+    print(json.dumps(report if args.per_head else {k: v for k, v in report.items() if k != "heads"}, indent=2))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="armada", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="physically prune attention heads of a GPT-2 / AgencyGPT2 checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint directory or Hub id (GPT-2 or AgencyGPT2)")
+    p.add_argument("--level", type=float, required=True, help="fraction of heads to remove, in [0, 1)")
+    p.add_argument("--strategy", default="importance", choices=["random", "magnitude", "entropy", "importance", "l0"])
+    p.add_argument("--data", help="text file used as calibration data (entropy, importance, l0)")
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--calibration-blocks", type=int, default=32)
+    p.add_argument("--per-layer", action="store_true", help="prune the same fraction in every layer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", required=True, help="directory to save the pruned model and tokenizer")
+    p.set_defaults(func=cmd_prune)
+
+    r = sub.add_parser("report", help="print the agency report of an AgencyGPT2 checkpoint")
+    r.add_argument("--model", required=True)
+    r.add_argument("--per-head", action="store_true", help="include every head's entry")
+    r.set_defaults(func=cmd_report)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
