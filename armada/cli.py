@@ -7,11 +7,11 @@
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 import torch
+
+from .io_utils import atomic_directory
 
 
 def _calibration_blocks(path: str, block_size: int, n_blocks: int, tokenizer):
@@ -52,18 +52,9 @@ def cmd_prune(args):
             raise SystemExit(f"error: strategy {args.strategy!r} needs --data (a text file for calibration).")
         data = _calibration_blocks(args.data, args.block_size, args.calibration_blocks, tokenizer)
     selection = prune(model, args.level, args.strategy, data, per_layer=args.per_layer, seed=args.seed)
-    parent = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".armada-", dir=parent)
-    try:
+    with atomic_directory(args.output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if os.path.isdir(args.output):
-            shutil.rmtree(args.output)
-        os.replace(tmp, args.output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(json.dumps({"pruned": {str(k): v for k, v in selection.items()},
                       "heads_per_layer": model.num_heads_per_layer(), "output": args.output}))
 

