@@ -1,1 +1,5 @@
-"""Trainer subclasses (distillation, curriculum) land here; see the issue tracker."""
+"""Trainer integrations. Distillation and curriculum trainers land here next (see the issue tracker)."""
+
+from .agency_callback import AgencyCallback, find_agency_model
+
+__all__ = ["AgencyCallback", "find_agency_model"]
