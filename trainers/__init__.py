@@ -1,5 +1,6 @@
-"""Trainer integrations. Distillation and curriculum trainers land here next (see the issue tracker)."""
+"""Trainer integrations. The curriculum trainer lands here next (see the issue tracker)."""
 
 from .agency_callback import AgencyCallback, find_agency_model
+from .distillation import DistillationTrainer
 
-__all__ = ["AgencyCallback", "find_agency_model"]
+__all__ = ["AgencyCallback", "DistillationTrainer", "find_agency_model"]
