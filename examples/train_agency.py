@@ -1,0 +1,162 @@
+"""Train AgencyGPT2 with `Trainer`: plain, with distillation from the unpruned model, with a pruning curriculum,
+or both. Runs as a script or under accelerate:
+
+    python examples/train_agency.py --output_dir runs/agency --max_steps 200
+    python examples/train_agency.py --output_dir runs/agency --distill --curriculum_levels 0,0.3,0.5,0.7
+    accelerate launch --num_processes 2 --cpu examples/train_agency.py --output_dir runs/ddp --max_steps 50
+
+Without --model_name_or_path a GPT-2 of the given size is built from scratch (GPT-2 tokenizer, from local files).
+Training text defaults to ../shared/data/tinyshakespeare/input.txt; any text file, folder or `datasets` Hub id works.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, TrainingArguments, set_seed
+from transformers.integrations import get_reporting_integration_callbacks
+
+import armada  # noqa: F401  (registers the Auto classes)
+from armada import AgencyGPT2ForCausalLM
+from armada.data import build_lm_datasets
+from armada.io_utils import atomic_write_text
+from armada.tokenization import gpt2_tokenizer
+from armada.trainers import (
+    AgencyCallback,
+    CurriculumTrainer,
+    DistillationTrainer,
+    finalize_pruning,
+    pruning_curriculum,
+)
+from transformers import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "GPT-2 or AgencyGPT2 checkpoint"})
+    n_layer: int = field(default=4, metadata={"help": "layers, when training from scratch"})
+    n_embd: int = field(default=128, metadata={"help": "width, when training from scratch"})
+    n_head: int = field(default=4, metadata={"help": "heads, when training from scratch"})
+    n_positions: int = field(default=256)
+    optimization_level: int = field(default=0, metadata={"help": "AgencyGPT2 optimization level 0-3"})
+
+
+@dataclass
+class DataArguments:
+    train_file: str = field(default=DEFAULT_TEXT, metadata={"help": "text file, folder, or datasets Hub id"})
+    eval_file: Optional[str] = field(default=None, metadata={"help": "evaluation text (default: split of train)"})
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "config of a Hub dataset"})
+    block_size: int = field(default=128)
+    eval_fraction: float = field(default=0.05)
+    max_train_blocks: Optional[int] = field(default=None)
+    max_eval_blocks: Optional[int] = field(default=200)
+
+
+@dataclass
+class AgencyArguments:
+    distill: bool = field(default=False, metadata={"help": "distil from the unpruned starting model"})
+    alpha: float = field(default=0.5, metadata={"help": "weight of the label loss in distillation"})
+    temperature: float = field(default=2.0)
+    curriculum_levels: Optional[str] = field(default=None, metadata={"help": "e.g. 0,0.3,0.5,0.7"})
+    curriculum_strategy: str = field(default="importance")
+    steps_per_stage: int = field(default=100)
+    calibration_blocks: int = field(default=8)
+    agency_dynamics: bool = field(default=False, metadata={"help": "run the head controller (AgencyCallback)"})
+    finalize: bool = field(default=True, metadata={"help": "physically remove withdrawn heads at the end"})
+
+
+class DistillationCurriculumTrainer(CurriculumTrainer, DistillationTrainer):
+    """Curriculum stages (from CurriculumTrainer) with the distillation loss (from DistillationTrainer)."""
+
+
+def build_model(model_args: ModelArguments) -> AgencyGPT2ForCausalLM:
+    if model_args.model_name_or_path is None:
+        gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=model_args.n_layer, n_embd=model_args.n_embd,
+                                          n_head=model_args.n_head, n_positions=model_args.n_positions))
+        return AgencyGPT2ForCausalLM.from_gpt2(gpt2, optimization_level=model_args.optimization_level)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if AutoConfig.from_pretrained(model_args.model_name_or_path).model_type == "gpt2":
+        return AgencyGPT2ForCausalLM.from_gpt2(model_args.model_name_or_path,
+                                               optimization_level=model_args.optimization_level)
+    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
+
+
+def weights_digest(model) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def main(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, AgencyArguments, TrainingArguments))
+    model_args, data_args, agency_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    get_reporting_integration_callbacks(training_args.report_to)  # unknown backend: clear error before any output
+    levels = None
+    if agency_args.curriculum_levels:
+        try:
+            levels = [float(x) for x in agency_args.curriculum_levels.split(",")]
+        except ValueError:
+            raise ValueError(f"--curriculum_levels must be comma-separated fractions, got "
+                             f"{agency_args.curriculum_levels!r}") from None
+    set_seed(training_args.seed)
+
+    tokenizer = gpt2_tokenizer(model_max_length=model_args.n_positions)
+    with training_args.main_process_first(desc="tokenize"):
+        splits = build_lm_datasets(data_args.train_file, tokenizer, data_args.block_size, data_args.eval_fraction,
+                                   eval_source=data_args.eval_file, config_name=data_args.dataset_config,
+                                   seed=training_args.seed)
+    train, evaluation = splits["train"], splits["eval"]
+    if data_args.max_train_blocks:
+        train = train.select(range(min(data_args.max_train_blocks, len(train))))
+    if data_args.max_eval_blocks:
+        evaluation = evaluation.select(range(min(data_args.max_eval_blocks, len(evaluation))))
+
+    model = build_model(model_args)
+    teacher = None
+    if agency_args.distill:
+        teacher = AgencyGPT2ForCausalLM(model.config)
+        teacher.load_state_dict(model.state_dict())
+    callbacks = []
+    if agency_args.agency_dynamics:
+        callbacks.append(AgencyCallback({"input_ids": torch.tensor(evaluation[:4]["input_ids"])}))
+    kwargs = dict(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                  processing_class=tokenizer, callbacks=callbacks)
+    if teacher is not None:
+        kwargs.update(teacher_model=teacher, alpha=agency_args.alpha, temperature=agency_args.temperature)
+    if levels is not None:
+        calibration = [torch.tensor(train[:agency_args.calibration_blocks]["input_ids"])]
+        kwargs["curriculum"] = pruning_curriculum(levels, agency_args.curriculum_strategy, calibration,
+                                                  agency_args.steps_per_stage)
+        trainer_cls = DistillationCurriculumTrainer if teacher is not None else CurriculumTrainer
+    else:
+        trainer_cls = DistillationTrainer if teacher is not None else Trainer
+
+    trainer = trainer_cls(**kwargs)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = trainer.evaluate()
+    if levels is not None and agency_args.finalize:
+        metrics["pruned_heads"] = {str(k): v for k, v in finalize_pruning(model).items()}
+    metrics["heads_per_layer"] = model.num_heads_per_layer()
+    if trainer.is_world_process_zero():
+        trainer.save_model(os.path.join(training_args.output_dir, "final"))
+    rank = training_args.process_index
+    summary = {"rank": rank, "world_size": training_args.world_size, "weights_sha256": weights_digest(model),
+               "metrics": metrics, "global_step": trainer.state.global_step}
+    atomic_write_text(os.path.join(training_args.output_dir, f"summary_rank{rank}.json"),
+                      json.dumps(summary, indent=2, default=str))
+    if trainer.is_world_process_zero():
+        print(json.dumps({k: v for k, v in summary.items() if k != "weights_sha256"}, indent=2, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
