@@ -2,6 +2,8 @@
 
     armada prune --model DIR --level 0.5 --strategy importance --data text.txt --output DIR
     armada report --model DIR
+    armada bench pruning [--quick]      (benchmarks/pruning_comparison.py, from a source checkout)
+    armada bench speed [--quick]        (benchmarks/agency_speed.py)
 """
 
 import argparse
@@ -64,6 +66,20 @@ def cmd_report(args):
     print(json.dumps(report if args.per_head else {k: v for k, v in report.items() if k != "heads"}, indent=2))
 
 
+BENCHMARKS = {"pruning": "pruning_comparison.py", "speed": "agency_speed.py"}
+
+
+def cmd_bench(args, extra):
+    import runpy
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "benchmarks", BENCHMARKS[args.name])
+    if not os.path.isfile(script):
+        raise SystemExit(f"error: {script} not found; benchmarks run from a source checkout of armada.")
+    sys.argv = [script, *extra]
+    runpy.run_path(script, run_name="__main__")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="armada", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +102,15 @@ def main(argv=None):
     r.add_argument("--per-head", action="store_true", help="include every head's entry")
     r.set_defaults(func=cmd_report)
 
-    args = parser.parse_args(argv)
+    b = sub.add_parser("bench", add_help=False, help="run a benchmark (other arguments, --help too, go to the script)")
+    b.add_argument("name", choices=sorted(BENCHMARKS))
+    b.set_defaults(func=None)
+
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return cmd_bench(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
     except ValueError as error:
