@@ -5,14 +5,25 @@ Importing the package registers every configuration and model with the `transfor
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration import AgencyGPT2Config
-from .modeling import AgencyGPT2ForCausalLM, AgencyGPT2Model, AgencyGPT2PreTrainedModel
+from .configuration import AgencyGPT2Config, UnifiedARMTConfig
+from .modeling import (
+    AgencyGPT2ForCausalLM,
+    AgencyGPT2Model,
+    AgencyGPT2PreTrainedModel,
+    UnifiedARMTForCausalLM,
+    UnifiedARMTMemoryState,
+    UnifiedARMTModel,
+    UnifiedARMTPreTrainedModel,
+)
 
 __version__ = "0.1.0.dev0"
 
 
 def _register():
-    for config_cls, base_cls, lm_cls in ((AgencyGPT2Config, AgencyGPT2Model, AgencyGPT2ForCausalLM),):
+    for config_cls, base_cls, lm_cls in (
+        (AgencyGPT2Config, AgencyGPT2Model, AgencyGPT2ForCausalLM),
+        (UnifiedARMTConfig, UnifiedARMTModel, UnifiedARMTForCausalLM),
+    ):
         AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
         AutoModel.register(config_cls, base_cls, exist_ok=True)
         AutoModelForCausalLM.register(config_cls, lm_cls, exist_ok=True)
@@ -20,4 +31,8 @@ def _register():
 
 _register()
 
-__all__ = ["AgencyGPT2Config", "AgencyGPT2Model", "AgencyGPT2ForCausalLM", "AgencyGPT2PreTrainedModel"]
+__all__ = [
+    "AgencyGPT2Config", "AgencyGPT2Model", "AgencyGPT2ForCausalLM", "AgencyGPT2PreTrainedModel",
+    "UnifiedARMTConfig", "UnifiedARMTModel", "UnifiedARMTForCausalLM", "UnifiedARMTPreTrainedModel",
+    "UnifiedARMTMemoryState",
+]

@@ -67,8 +67,8 @@ def parse_args(argv=None):
     size = dict(n_layer=2, n_embd=64, n_head=4) if args.quick else dict(n_layer=4, n_embd=256, n_head=8)
     budget = dict(train_seconds=25, eval_tokens=2048, recovery_steps=4, stage_steps=3, gen_tokens=16,
                   gen_repeats=1, calib_blocks=4, sample_tokens=16, l0_steps=10) if args.quick else \
-        dict(train_seconds=480, eval_tokens=16384, recovery_steps=40, stage_steps=30, gen_tokens=64,
-             gen_repeats=3, calib_blocks=16, sample_tokens=40, l0_steps=60)
+        dict(train_seconds=480, eval_tokens=8192, recovery_steps=25, stage_steps=15, gen_tokens=64,
+             gen_repeats=3, calib_blocks=8, sample_tokens=40, l0_steps=30)
     args.model_size, args.budget = size, budget
     args.levels = [float(x) for x in args.levels.split(",")]
     args.strategies = args.strategies.split(",")

@@ -1,3 +1,4 @@
 from .configuration_agency_gpt2 import AGENCY_STATES, OPTIMIZATION_LEVELS, AgencyGPT2Config
+from .configuration_unified_armt import MEMORY_INITS, UnifiedARMTConfig
 
-__all__ = ["AgencyGPT2Config", "AGENCY_STATES", "OPTIMIZATION_LEVELS"]
+__all__ = ["AgencyGPT2Config", "AGENCY_STATES", "OPTIMIZATION_LEVELS", "UnifiedARMTConfig", "MEMORY_INITS"]

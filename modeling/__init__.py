@@ -1,3 +1,10 @@
 from .modeling_agency_gpt2 import AgencyGPT2ForCausalLM, AgencyGPT2Model, AgencyGPT2PreTrainedModel
+from .modeling_unified_armt import (
+    UnifiedARMTForCausalLM,
+    UnifiedARMTMemoryState,
+    UnifiedARMTModel,
+    UnifiedARMTPreTrainedModel,
+)
 
-__all__ = ["AgencyGPT2Model", "AgencyGPT2ForCausalLM", "AgencyGPT2PreTrainedModel"]
+__all__ = ["AgencyGPT2Model", "AgencyGPT2ForCausalLM", "AgencyGPT2PreTrainedModel", "UnifiedARMTModel",
+           "UnifiedARMTForCausalLM", "UnifiedARMTPreTrainedModel", "UnifiedARMTMemoryState"]

@@ -28,7 +28,7 @@ def check_save_load_round_trip(model, input_ids, atol=1e-6):
     return reloaded
 
 
-def check_batched_equals_single_with_padding(model, input_ids, pad_id=0, atol=1e-4):
+def check_batched_equals_single_with_padding(model, input_ids, pad_id=0, atol=1e-4, max_new_tokens=6):
     """Left-pad a batch of sequences of different lengths; each row's logits and greedy generation must equal the
     row run alone."""
     model.eval()
@@ -42,28 +42,30 @@ def check_batched_equals_single_with_padding(model, input_ids, pad_id=0, atol=1e
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         batched = model(batch, attention_mask=mask, position_ids=position_ids).logits
-        generated = model.generate(batch, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=pad_id)
+        generated = model.generate(batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=pad_id)
         for row, n in enumerate(lengths):
             single = model(input_ids[row:row + 1, :n]).logits
             assert_close(batched[row:row + 1, width - n:], single, atol, f"row {row}")
             alone_ids = input_ids[row:row + 1, :n]  # explicit mask: generate() would infer one from pad_id
-            alone = model.generate(alone_ids, attention_mask=torch.ones_like(alone_ids), max_new_tokens=6,
-                                   do_sample=False, pad_token_id=pad_id)
+            alone = model.generate(alone_ids, attention_mask=torch.ones_like(alone_ids),
+                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
             assert torch.equal(generated[row, width:], alone[0, n:]), f"row {row} generation differs when batched"
 
 
-def check_cache_matches_no_cache(model, input_ids, atol=1e-4):
-    """Incremental decoding with the KV cache equals full recomputation, token by token and in generate()."""
+def check_cache_matches_no_cache(model, input_ids, atol=1e-4, cache_name="past_key_values", prefix=None):
+    """Incremental decoding with the cache (`cache_name`: the forward argument and output field that carry it)
+    equals full recomputation, token by token and in generate()."""
     model.eval()
     with torch.no_grad():
         full = model(input_ids, use_cache=False).logits
-        prefix = input_ids.shape[1] - 3
+        prefix = prefix or input_ids.shape[1] - 3
         out = model(input_ids[:, :prefix], use_cache=True)
         steps = [out.logits]
-        past = out.past_key_values
+        past = getattr(out, cache_name)
         for t in range(prefix, input_ids.shape[1]):
-            out = model(input_ids[:, t:t + 1], past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids[:, t:t + 1], use_cache=True, **{cache_name: past})
+            past = getattr(out, cache_name)
             steps.append(out.logits)
         assert_close(torch.cat(steps, dim=1), full, atol, "cache vs full")
         kwargs = dict(attention_mask=torch.ones_like(input_ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
