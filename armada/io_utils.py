@@ -40,3 +40,18 @@ def atomic_write_text(path: str, text: str):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_savefig(fig, path: str, **kwargs):
+    """`fig.savefig` through a temporary file beside `path` and an atomic rename (format taken from `path`)."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    root, ext = os.path.splitext(path)
+    tmp = f"{root}.tmp-{os.getpid()}{ext}"
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

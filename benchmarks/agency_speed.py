@@ -27,7 +27,6 @@ import os
 import platform
 import random
 import statistics
-import tempfile
 import time
 
 import torch
@@ -36,7 +35,7 @@ from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from armada import AgencyGPT2ForCausalLM
-from armada.io_utils import atomic_write_text
+from armada.io_utils import atomic_savefig, atomic_write_text
 from armada.pruning import score_heads, select_heads
 
 LEVELS = (0.0, 0.3, 0.5, 0.7)
@@ -298,12 +297,5 @@ for ax, m in zip(axes, MEASURES):
 axes[0].set_ylabel("speed / unpruned GPT2LMHeadModel (median, bars: min-max)")
 axes[0].legend(fontsize=8)
 fig.tight_layout()
-fd, tmp = tempfile.mkstemp(prefix=".agency_speed-", suffix=".png", dir=args.out)
-os.close(fd)
-try:
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, os.path.join(args.out, "agency_speed.png"))
-except BaseException:
-    os.remove(tmp)
-    raise
+atomic_savefig(fig, os.path.join(args.out, "agency_speed.png"), dpi=120)
 print(f"wrote {args.out}/agency_speed.{{json,md,png}}")

@@ -123,6 +123,8 @@ def run_point(kind, length, args):
 def plot(results, path):
     import matplotlib
 
+    from armada.io_utils import atomic_savefig
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -142,9 +144,7 @@ def plot(results, path):
     ax_t.set_title("time vs length")
     ax_m.set_title("peak memory vs length")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 

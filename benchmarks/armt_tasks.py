@@ -28,7 +28,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
-from armada.io_utils import atomic_write_text  # noqa: E402
+from armada.io_utils import atomic_savefig, atomic_write_text  # noqa: E402
 from armada.tasks import MemoryRetrieval, MultiHop, PatternReasoning, TaskCollator, answer_accuracy, build_dataset  # noqa: E402,E501
 
 TARGETS = {"memory_retrieval": 0.95, "pattern_reasoning": 0.90, "multi_hop": 0.99}
@@ -143,9 +143,7 @@ def plot(results, path):
     ax_m.set_ylabel("memory_retrieval accuracy")
     ax_m.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    atomic_savefig(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -39,7 +39,7 @@ from armada.evaluation import (  # noqa: E402
     peak_memory,
     perplexity,
 )
-from armada.io_utils import atomic_write_text  # noqa: E402
+from armada.io_utils import atomic_savefig, atomic_write_text  # noqa: E402
 from armada.pruning import STRATEGIES, score_heads, select_heads  # noqa: E402
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer, DistillationTrainer, finalize_pruning, pruning_curriculum  # noqa: E402
@@ -205,7 +205,7 @@ def plot(results, out_dir):
     ax.legend(fontsize=8)
     paths["speed"] = os.path.join(out_dir, "pruning_speed.png")
     fig.tight_layout()
-    fig.savefig(paths["speed"], dpi=120)
+    atomic_savefig(fig, paths["speed"], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -223,7 +223,7 @@ def plot(results, out_dir):
     ax.legend(fontsize=7)
     paths["perplexity"] = os.path.join(out_dir, "pruning_perplexity.png")
     fig.tight_layout()
-    fig.savefig(paths["perplexity"], dpi=120)
+    atomic_savefig(fig, paths["perplexity"], dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -238,7 +238,7 @@ def plot(results, out_dir):
     ax.legend(fontsize=8)
     paths["pareto"] = os.path.join(out_dir, "pruning_pareto.png")
     fig.tight_layout()
-    fig.savefig(paths["pareto"], dpi=120)
+    atomic_savefig(fig, paths["pareto"], dpi=120)
     plt.close(fig)
 
     top = max(levels)
@@ -259,7 +259,7 @@ def plot(results, out_dir):
     ax.legend(fontsize=6, loc="lower left", bbox_to_anchor=(-0.15, -0.2))
     paths["radar"] = os.path.join(out_dir, f"pruning_radar_{int(top * 100)}.png")
     fig.tight_layout()
-    fig.savefig(paths["radar"], dpi=120)
+    atomic_savefig(fig, paths["radar"], dpi=120)
     plt.close(fig)
     return paths
 
@@ -339,11 +339,11 @@ def main(argv=None):
     work = os.path.join(args.out, ".work")
     for strategy in best:
         for level in [lv for lv in args.levels if lv > 0]:
-            student = copy.deepcopy(agency)
+            student = copy.deepcopy(agency).requires_grad_(True)  # the teacher copy is frozen by the trainer
             student.prune_heads(select_heads(scores[strategy], level))
             recover(args, student.train(), agency, train_blocks, work)
             add("agency_distilled", strategy, level, student, recovery_steps=args.budget["recovery_steps"])
-        snapshots, history = curriculum(args, copy.deepcopy(agency).train(), agency, train_blocks, calibration,
+        snapshots, history = curriculum(args, copy.deepcopy(agency).requires_grad_(True).train(), agency, train_blocks, calibration,
                                         strategy, work)
         for level, model in sorted(snapshots.items()):
             if level > 0:

@@ -102,3 +102,24 @@ def check_dtype(model, input_ids, dtype=torch.bfloat16):
     assert torch.isfinite(out.loss)
     generated = model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert generated.shape == (input_ids.shape[0], input_ids.shape[1] + 4)
+
+
+def check_export(model, input_ids, atol=1e-5):
+    """torch.export traces one graph of the no-cache forward that serves padded and unpadded batches alike (no
+    data-dependent Python branching: the path to ONNX export)."""
+
+    class Logits(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, attention_mask):
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    wrapper = Logits(model.eval())
+    padded = torch.ones_like(input_ids)
+    padded[-1, :3] = 0
+    exported = torch.export.export(wrapper, (input_ids, padded), strict=False).module()
+    with torch.no_grad():
+        for mask in (padded, torch.ones_like(input_ids)):
+            assert_close(exported(input_ids, mask), wrapper(input_ids, mask), atol, "exported vs eager")

@@ -11,6 +11,7 @@ from model_tester_common import (
     check_batched_equals_single_with_padding,
     check_cache_matches_no_cache,
     check_dtype,
+    check_export,
     check_gradient_flow,
     check_save_load_round_trip,
 )
@@ -429,20 +430,4 @@ def test_forward_exports_without_data_dependent_branches(tester):
     """torch.export traces one graph that serves padded and unpadded batches (the path to ONNX export)."""
     model = tester.agency()
     model.prune_heads({0: [1], 2: [0, 1, 2, 3]})
-
-    class Logits(torch.nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
-
-        def forward(self, input_ids, attention_mask):
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
-    wrapper = Logits(model)
-    ids = tester.input_ids()
-    padded = torch.ones_like(ids)
-    padded[1, :3] = 0
-    exported = torch.export.export(wrapper, (ids, padded), strict=False).module()
-    with torch.no_grad():
-        for mask in (padded, torch.ones_like(ids)):
-            assert_close(exported(ids, mask), wrapper(ids, mask), 1e-5)
+    check_export(model, tester.input_ids())

@@ -12,6 +12,7 @@ from model_tester_common import (
     check_batched_equals_single_with_padding,
     check_cache_matches_no_cache,
     check_dtype,
+    check_export,
     check_gradient_flow,
     check_save_load_round_trip,
 )
@@ -310,20 +311,22 @@ def test_bad_inputs_raise(tester):
 
 
 def test_forward_exports_without_data_dependent_branches(tester):
-    model = tester.model()
+    check_export(tester.model(), tester.input_ids())
 
-    class Logits(torch.nn.Module):
-        def __init__(self, lm):
-            super().__init__()
-            self.lm = lm
 
-        def forward(self, input_ids, attention_mask):
-            return self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def test_attention_analysis_helpers(tester, tmp_path):
+    from armada.armt_analysis import attention_entropy, attention_maps, head_specialization, plot_memory_attention
 
-    wrapper, ids = Logits(model), tester.input_ids()
-    padded = torch.ones_like(ids)
-    padded[1, :3] = 0
-    exported = torch.export.export(wrapper, (ids, padded), strict=False).module()
-    with torch.no_grad():
-        for mask in (padded, torch.ones_like(ids)):
-            assert_close(exported(ids, mask), wrapper(ids, mask), 1e-5)
+    model, ids = tester.model(), tester.input_ids()
+    maps = attention_maps(model, ids)
+    assert maps["tokens"].shape == (2, 4, 21, 8)
+    assert maps["memory_to_input"].shape == (2, 2, 4, 4, 8) and maps["memory_to_memory"].shape == (2, 2, 4, 4, 4)
+    total = maps["memory_to_input"].sum(-1) + maps["memory_to_memory"].sum(-1)
+    assert torch.allclose(total, torch.ones_like(total), atol=1e-5)
+    entropy = attention_entropy(maps)
+    assert entropy.shape == (2, 4) and ((entropy >= 0) & (entropy <= 1 + 1e-5)).all()
+    summary = head_specialization(maps)
+    assert len(summary["heads"]) == 8 and sum(summary["roles"].values()) == 8
+    assert plot_memory_attention(maps, str(tmp_path / "memory.png")) and (tmp_path / "memory.png").stat().st_size
+    with pytest.raises(ValueError, match="fills no segment"):
+        attention_maps(model, ids[:, :5])

@@ -1,0 +1,33 @@
+"""Smoke runs of the benchmark scripts in their quick modes: they must run end to end and write JSON + PNG."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_script(name, *args):
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", name), *args], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_armt_tasks_quick(tmp_path):
+    run_script("armt_tasks.py", "--quick", "--runs", "multi_hop_m4_random", "--steps", "5", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "armt_tasks.json").read_text())
+    (result,) = report["results"]
+    assert result["task"] == "multi_hop" and 0.0 <= result["accuracy"] <= 1.0 and result["segments_per_sample"] > 1
+    assert (tmp_path / "armt_tasks.png").stat().st_size > 0 and (tmp_path / "armt_tasks.md").exists()
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+def test_armt_scaling_quick(tmp_path):
+    run_script("armt_scaling.py", "--quick", "--lengths", "128,256", "--repeats", "1", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "armt_scaling.json").read_text())
+    assert {(r["model"], r["length"]) for r in report["results"]} == {(m, n) for m in ("armt", "full")
+                                                                      for n in (128, 256)}
+    assert all(r["seconds"] > 0 and "error" not in r for r in report["results"])
+    assert report["summary"]["length_ratio"] == 2
+    assert (tmp_path / "armt_scaling.png").stat().st_size > 0
