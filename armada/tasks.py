@@ -704,3 +704,63 @@ class DynamicTaskWeights:
         weights = self.weights()
         total = sum(weights[t] for t in losses)
         return sum(weights[t] / total * loss for t, loss in losses.items())
+
+
+# ---------------------------------------------------------------------------------------------------- curricula
+
+class TaskStream(torch.utils.data.IterableDataset):
+    """An endless stream of fresh samples from `task` (ids/labels only), for `Trainer(train_dataset=stream)` with
+    `max_steps`. `stream.task` may be replaced while training runs (a curriculum stage does it): later batches come
+    from the new task. Each pass restarts a seeded RNG; with several dataloader workers each gets its own seed."""
+
+    def __init__(self, task, seed: int = 0, tokenizer=None, max_length: Optional[int] = None):
+        super().__init__()
+        self.task, self.seed, self.tokenizer, self.max_length = task, seed, tokenizer, max_length
+        self.epoch = 0
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(hash((self.seed, self.epoch, info.id if info else 0)))
+        self.epoch += 1
+        while True:
+            sample = self.task.sample(rng)
+            if self.task.is_text:
+                tokenizer = self.tokenizer if self.tokenizer is not None else _default_tokenizer()
+                sample = tokenize_sample(sample, tokenizer, self.max_length)
+            yield {"input_ids": sample["input_ids"], "labels": sample["labels"]}
+
+
+def task_curriculum(stream: TaskStream, difficulties: list, steps_per_stage: Optional[int] = None,
+                    metric: Optional[str] = None, thresholds: Optional[list] = None, eval_samples: int = 0,
+                    greater_is_better: bool = True):
+    """A `trainers.Curriculum` whose stages make `stream.task` harder: stage i sets
+    `stream.task = base.with_difficulty(**difficulties[i])` and, if `eval_samples`, gives the trainer an eval set of
+    that difficulty. A stage ends after `steps_per_stage` steps or when `metric` (e.g. "eval_accuracy", see
+    `answer_accuracy`) reaches `thresholds[i]`.
+
+        >>> stream = TaskStream(MultiHop(n_hops=1, chain_length=4))
+        >>> curriculum = task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}, {"n_hops": 4}],
+        ...                              steps_per_stage=500, metric="eval_accuracy", thresholds=[0.8, 0.8, 0.8])
+    """
+    from .trainers import Curriculum, CurriculumStage  # imported here: armada.trainers imports transformers.Trainer
+
+    if not difficulties:
+        raise ValueError("task_curriculum needs at least one difficulty (a dict of knob changes).")
+    if thresholds is not None and len(thresholds) != len(difficulties):
+        raise ValueError(f"Give one threshold per stage ({len(difficulties)}), got {len(thresholds)}.")
+    base = stream.task
+    tasks = [base.with_difficulty(**changes) for changes in difficulties]  # validates every stage up front
+    stages = []
+    for i, (changes, task) in enumerate(zip(difficulties, tasks)):
+        def apply(trainer, task=task, i=i):
+            stream.task = task
+            if eval_samples:
+                trainer.eval_dataset = build_dataset(task, eval_samples, seed=10_000 + i,
+                                                     tokenizer=stream.tokenizer).select_columns(["input_ids",
+                                                                                                 "labels"])
+        name = ", ".join(f"{k}={v}" for k, v in changes.items()) or "base"
+        stages.append(CurriculumStage(name=name, apply=apply, max_steps=steps_per_stage,
+                                      metric=metric if thresholds is not None else None,
+                                      threshold=thresholds[i] if thresholds is not None else None,
+                                      greater_is_better=greater_is_better, params=dict(changes)))
+    return Curriculum(stages)

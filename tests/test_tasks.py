@@ -435,3 +435,37 @@ def test_dynamic_task_weights():
     assert losses["babi"].grad.item() == pytest.approx(1 / 3)
     only = w.combine({"babi": torch.tensor(4.0)}, update=False)   # renormalized over the tasks given
     assert only.item() == pytest.approx(4.0)
+
+
+def test_task_curriculum_makes_the_stream_harder_inside_curriculum_trainer(tmp_path):
+    """A UnifiedARMT trained by CurriculumTrainer on a TaskStream: each stage swaps in a harder task, later batches
+    and the eval set come from it, and the history records the difficulty of every stage."""
+    from transformers import TrainingArguments
+
+    from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM
+    from armada.tasks import TaskStream, task_curriculum
+    from armada.trainers import CurriculumTrainer
+
+    base = MultiHop(n_hops=1, chain_length=3, n_distractors=2, n_symbols=16)
+    stream = TaskStream(base, seed=0)
+    curriculum = task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}, {"n_hops": 3}], steps_per_stage=2,
+                                 eval_samples=8)
+    config = UnifiedARMTConfig(vocab_size=base.vocab.vocab_size, hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, segment_size=8, num_memory_tokens=2, d_mem=8)
+    seen = []
+
+    class Spy(TaskCollator):
+        def __call__(self, features):
+            seen.append(stream.task.n_hops)
+            return super().__call__(features)
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    trainer = CurriculumTrainer(model=UnifiedARMTForCausalLM(config), args=args, train_dataset=stream,
+                                data_collator=Spy(base.vocab.tokenizer()), curriculum=curriculum)
+    trainer.train()
+    assert [h["params"]["n_hops"] for h in trainer.curriculum_history] == [1, 2, 3]
+    assert stream.task.n_hops == 3 and set(seen) >= {2, 3}
+    assert "eval_loss" in trainer.evaluate()  # the eval set of the last stage
+    with pytest.raises(ValueError, match="n_hops"):
+        task_curriculum(stream, [{"n_hops": 5}])  # longer than the chain: rejected before training

@@ -1,0 +1,170 @@
+"""BABILong-style benchmark: train on bAbI facts hidden in background text at <= 1K tokens, evaluate at 1K/4K/16K.
+
+Both models are trained the same way, from scratch, with `CurriculumTrainer` on a `TaskStream` of
+`armada.tasks.BabiLong` samples (GPT-2 BPE; background text from ../shared/data; the context grows over three
+curriculum stages up to `--train-length`):
+  - UnifiedARMT (segments of `--segment-size` + memory tokens): any input length;
+  - a GPT-2 of the same width/depth/heads with full attention and a position table of the training length plus the
+    question: it cannot read longer inputs, which is reported as where it stops.
+Scoring: exact match of the answer tokens (teacher-forced argmax = greedy decoding) on `--eval-samples` new samples
+per length (seeded, disjoint from training). Target (issue 4): >= 90% on qa1 at 16K for UnifiedARMT.
+
+    python benchmarks/armt_babilong.py                      # qa1 (and --tasks qa1,qa2), full budget
+    python benchmarks/armt_babilong.py --quick              # tiny model, short lengths, smoke test
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, set_seed
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import armada  # noqa: E402,F401
+from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
+from armada.io_utils import atomic_savefig, atomic_write_text  # noqa: E402
+from armada.tasks import BabiLong, BabiTask, TaskCollator, TaskStream, answer_accuracy, build_dataset  # noqa: E402
+from armada.tasks import task_curriculum  # noqa: E402
+from armada.tokenization import gpt2_tokenizer  # noqa: E402
+from armada.trainers import CurriculumTrainer  # noqa: E402
+
+QUESTION_ROOM = 32  # tokens after the context: "\nQuestion: ...\nAnswer: word"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    p.add_argument("--tasks", default="qa1")
+    p.add_argument("--train-length", type=int, default=None, help="context tokens at the last stage (default 1024)")
+    p.add_argument("--eval-lengths", default=None, help="default 1024,4096,16384")
+    p.add_argument("--steps", type=int, default=None, help="training steps per model (default 3000, quick 6)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden-size", type=int, default=None, help="default 128 (quick 32)")
+    p.add_argument("--layers", type=int, default=None, help="default 4 (quick 1)")
+    p.add_argument("--segment-size", type=int, default=None, help="default 128 (quick 32)")
+    p.add_argument("--memory-tokens", type=int, default=16)
+    p.add_argument("--eval-samples", type=int, default=None, help="per length (default 100, quick 4)")
+    p.add_argument("--models", default="armt,full")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    q = args.quick
+    args.train_length = args.train_length or (96 if q else 1024)
+    args.eval_lengths = [int(x) for x in (args.eval_lengths or ("96,256" if q else "1024,4096,16384")).split(",")]
+    args.steps = args.steps or (6 if q else 3000)
+    args.hidden_size = args.hidden_size or (32 if q else 128)
+    args.layers = args.layers or (1 if q else 4)
+    args.segment_size = args.segment_size or (32 if q else 128)
+    args.eval_samples = args.eval_samples or (4 if q else 100)
+    if args.train_length > 1024:
+        raise SystemExit(f"--train-length must be <= 1024 (the benchmark trains at <= 1K), got {args.train_length}")
+    return args
+
+
+def build_model(kind, args, vocab_size):
+    common = dict(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if kind == "armt":
+        return UnifiedARMTForCausalLM(UnifiedARMTConfig(
+            hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=4,
+            segment_size=args.segment_size, num_memory_tokens=args.memory_tokens, d_mem=64,
+            max_backprop_segments=None, **common))
+    return GPT2LMHeadModel(GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=4,
+                                      n_positions=args.train_length + QUESTION_ROOM, **common))
+
+
+def train(kind, task, args, tokenizer):
+    set_seed(args.seed)
+    model = build_model(kind, args, len(tokenizer))
+    stream = TaskStream(BabiLong(babi=task, target_length=max(16, args.train_length // 8), tokenizer=tokenizer),
+                        seed=args.seed, tokenizer=tokenizer)
+    lengths = [max(16, args.train_length // 8), args.train_length // 2, args.train_length]
+    per_stage = max(1, args.steps // len(lengths))
+    curriculum = task_curriculum(stream, [{"target_length": n} for n in lengths], steps_per_stage=per_stage)
+    with tempfile.TemporaryDirectory() as tmp:
+        training_args = TrainingArguments(
+            output_dir=tmp, max_steps=per_stage * len(lengths), per_device_train_batch_size=args.batch_size,
+            learning_rate=args.lr, warmup_steps=min(100, per_stage), lr_scheduler_type="constant_with_warmup",
+            weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, args.steps // 20), save_strategy="no",
+            report_to=[], use_cpu=True, seed=args.seed, dataloader_num_workers=0)
+        trainer = CurriculumTrainer(model=model, args=training_args, train_dataset=stream,
+                                    data_collator=TaskCollator(tokenizer), curriculum=curriculum)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return model.eval(), {"train_seconds": round(seconds, 1), "stage_lengths": lengths, "steps": per_stage * 3,
+                          "loss_curve": losses, "parameters": model.num_parameters()}
+
+
+@torch.no_grad()
+def evaluate(model, kind, task, length, args, tokenizer):
+    data = build_dataset(BabiLong(babi=task, target_length=length, tokenizer=tokenizer), args.eval_samples,
+                         seed=100_000 + length, tokenizer=tokenizer)
+    n_tokens = max(len(x) for x in data["input_ids"])
+    if kind == "full" and n_tokens > model.config.n_positions:
+        return {"length": length, "accuracy": None,
+                "stopped": f"{n_tokens} tokens > n_positions={model.config.n_positions}: full attention cannot read it"}
+    correct, start = 0.0, time.perf_counter()
+    for ids, labels in zip(data["input_ids"], data["labels"]):  # batch 1: samples differ in length
+        logits = model(torch.tensor([ids]), use_cache=False).logits
+        correct += answer_accuracy(logits, torch.tensor([labels]))
+    return {"length": length, "max_tokens": n_tokens, "accuracy": correct / len(data),
+            "seconds_per_sample": (time.perf_counter() - start) / len(data)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tokenizer = gpt2_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token
+    started, results = time.perf_counter(), []
+    for task_name in args.tasks.split(","):
+        task = BabiTask(task=task_name)
+        for kind in args.models.split(","):
+            model, info = train(kind, task, args, tokenizer)
+            evals = [evaluate(model, kind, task, n, args, tokenizer) for n in args.eval_lengths]
+            results.append({"task": task_name, "model": kind, **info, "eval": evals})
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "loss_curve"}), flush=True)
+    report = {"benchmark": "armt_babilong", "quick": args.quick, "args": vars(args), "results": results,
+              "data": "bAbI facts from armada.tasks.BabiTask in ../shared/data/tinyshakespeare background",
+              "environment": {"python": platform.python_version(), "torch": torch.__version__},
+              "wall_seconds": round(time.perf_counter() - started, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_text(os.path.join(args.out, "armt_babilong.json"), json.dumps(report, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = ["| task | model | " + " | ".join(f"{n} tokens" for n in args.eval_lengths) + " |",
+             "|---|---|" + "---|" * len(args.eval_lengths)]
+    for r in results:
+        points = [(e["length"], e["accuracy"]) for e in r["eval"] if e["accuracy"] is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{r['task']} {r['model']}")
+        cells = [f"{e['accuracy']:.1%}" if e["accuracy"] is not None else "cannot (beyond n_positions)"
+                 for e in r["eval"]]
+        lines.append(f"| {r['task']} | {r['model']} | " + " | ".join(cells) + " |")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("exact-match accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_savefig(fig, os.path.join(args.out, "armt_babilong.png"), dpi=120)
+    atomic_write_text(os.path.join(args.out, "armt_babilong.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
