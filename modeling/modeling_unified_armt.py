@@ -352,15 +352,16 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
         return init
 
     def _pack(self, input_ids, inputs_embeds, attention_mask):
-        """Move each row's real tokens to the left. Returns embeddings, lengths (B,) and the permutation."""
-        embeds = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, length = embeds.shape[:2]
+        """Move each row's real tokens to the left. Returns the packed ids (or embeddings), lengths (B,) and the
+        permutation. Ids are embedded later, one piece at a time, so memory does not grow with the input."""
+        tokens = input_ids if inputs_embeds is None else inputs_embeds
+        batch, length = tokens.shape[:2]
         if attention_mask is None:
-            return embeds, torch.full((batch,), length, dtype=torch.long, device=embeds.device), None
-        attention_mask = attention_mask.to(embeds.device).bool()
+            return tokens, torch.full((batch,), length, dtype=torch.long, device=tokens.device), None
+        attention_mask = attention_mask.to(tokens.device).bool()
         order = torch.sort((~attention_mask).to(torch.int8), dim=1, stable=True).indices  # real tokens first
-        embeds = embeds.gather(1, order.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-        return embeds, attention_mask.sum(dim=1), order
+        index = order if tokens.dim() == 2 else order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+        return tokens.gather(1, index), attention_mask.sum(dim=1), order
 
     @staticmethod
     def _unpack(x, order):
@@ -415,13 +416,15 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
                 raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got values in "
                                  f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
-        embeds, lengths, order = self._pack(input_ids, inputs_embeds, attention_mask)
-        batch, length = embeds.shape[:2]
+        tokens, lengths, order = self._pack(input_ids, inputs_embeds, attention_mask)
+        batch, length = tokens.shape[:2]
+        device = tokens.device
+        dtype = self.wte.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
         if length == 0:
             raise ValueError("the input has no tokens (sequence length 0)")
         s = cfg.segment_size
         fresh = memory_state is None
-        state = memory_state or UnifiedARMTMemoryState.empty(cfg, batch, embeds.device, embeds.dtype)
+        state = memory_state or UnifiedARMTMemoryState.empty(cfg, batch, device, dtype)
         if state.batch_size != batch:
             raise ValueError(f"memory_state holds {state.batch_size} rows but the input has {batch}")
 
@@ -444,15 +447,16 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
         if cfg.max_segments is not None and n_pieces > cfg.max_segments:
             raise ValueError(f"the input needs {n_pieces} segments, more than config.max_segments={cfg.max_segments}")
 
-        slots = torch.arange(s, device=embeds.device)
+        slots = torch.arange(s, device=device)
         outputs, all_hidden, all_attn, mem_attn = [], [], [], []
         for i in range(n_pieces):
             start, end = bounds[i], bounds[i + 1]
             piece = end - start
             real = (lengths - start).clamp(0, piece)  # (B,) real tokens of each row in this piece
             fill = state.fill
-            positions = (fill.unsqueeze(1) + torch.arange(piece, device=embeds.device)).clamp_max(s - 1)
-            hidden = self.drop(embeds[:, start:end] + self.wpe(positions))
+            positions = (fill.unsqueeze(1) + torch.arange(piece, device=device)).clamp_max(s - 1)
+            embeds = self.wte(tokens[:, start:end]) if inputs_embeds is None else tokens[:, start:end]
+            hidden = self.drop(embeds + self.wpe(positions))
             source = (slots - fill.unsqueeze(1)).clamp(0, piece - 1)  # which new token lands in slot p
             write = (slots >= fill.unsqueeze(1)) & (slots < (fill + real).unsqueeze(1))
             visible = slots.view(1, 1, s) <= positions.unsqueeze(-1)  # (B, piece, S): causal inside the segment
@@ -467,9 +471,11 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
                 piece_hidden.append(hidden)
                 piece_attn.append(w)
             state = UnifiedARMTMemoryState(state.memory, keys, values, fill + real, state.segments)
-            outputs.append(hidden)
-            all_hidden.append(piece_hidden)
-            all_attn.append(piece_attn)
+            outputs.append(self.ln_f(hidden))
+            if output_hidden_states:
+                all_hidden.append(piece_hidden)
+            if output_attentions:
+                all_attn.append(piece_attn)
 
             # Commit the rows whose segment is now full. From a fresh state that can only happen at the end of a
             # whole segment, decided statically (the last one is skipped when no state is returned).
@@ -485,7 +491,7 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
                     # truncated BPTT: this write is read only by segments that lie outside the backprop window
                     state.memory = [(A.detach(), z.detach()) for A, z in state.memory]
 
-        hidden = self._unpack(self.ln_f(torch.cat(outputs, dim=1)), order)
+        hidden = self._unpack(torch.cat(outputs, dim=1), order)
         hidden_states = attentions = memory_attentions = None
         if output_hidden_states:
             hidden_states = tuple(

@@ -54,3 +54,24 @@ def test_bad_arguments_fail_before_writing(tmp_path, text_file):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["--output_dir", str(out), "--train_file", str(tmp_path / "missing.txt"), *TINY])
     assert not out.exists()
+
+
+def test_tensorboard_logging_offline_and_bf16_with_gradient_checkpointing(tmp_path, text_file):
+    """report_to=tensorboard writes event files with the distillation loss parts (no network involved); bf16 mixed
+    precision and gradient checkpointing run through the same script on CPU."""
+    args = [a for a in TINY if a not in ("--report_to", "none")]
+    summary = main(["--output_dir", str(tmp_path), "--train_file", text_file, "--max_steps", "4", "--distill",
+                    "--logging_steps", "1", "--report_to", "tensorboard", "--logging_dir", str(tmp_path / "tb"),
+                    "--bf16", "--gradient_checkpointing", *args])
+    assert summary["global_step"] == 4
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "tb") for f in files
+              if f.startswith("events.out.tfevents")]
+    assert events, "no tensorboard event file written"
+    tags = set()
+    for path in events:
+        accumulator = EventAccumulator(path)
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/loss_ce", "train/loss_kd"} <= tags, tags
