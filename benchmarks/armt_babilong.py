@@ -57,8 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     q = args.quick
-    args.train_length = args.train_length or (96 if q else 1024)
-    args.eval_lengths = [int(x) for x in (args.eval_lengths or ("96,256" if q else "1024,4096,16384")).split(",")]
+    args.train_length = args.train_length or (128 if q else 1024)
+    args.eval_lengths = [int(x) for x in (args.eval_lengths or ("128,256" if q else "1024,4096,16384")).split(",")]
     args.steps = args.steps or (6 if q else 3000)
     args.hidden_size = args.hidden_size or (32 if q else 128)
     args.layers = args.layers or (1 if q else 4)
@@ -83,9 +83,10 @@ def build_model(kind, args, vocab_size):
 def train(kind, task, args, tokenizer):
     set_seed(args.seed)
     model = build_model(kind, args, len(tokenizer))
-    stream = TaskStream(BabiLong(babi=task, target_length=max(16, args.train_length // 8), tokenizer=tokenizer),
-                        seed=args.seed, tokenizer=tokenizer)
-    lengths = [max(16, args.train_length // 8), args.train_length // 2, args.train_length]
+    shortest = max(96, args.train_length // 4)  # room for the story's facts (~50 tokens for qa1's 8 facts)
+    lengths = [shortest, (shortest + args.train_length) // 2, args.train_length]
+    stream = TaskStream(BabiLong(babi=task, target_length=shortest, tokenizer=tokenizer), seed=args.seed,
+                        tokenizer=tokenizer)
     per_stage = max(1, args.steps // len(lengths))
     curriculum = task_curriculum(stream, [{"target_length": n} for n in lengths], steps_per_stage=per_stage)
     with tempfile.TemporaryDirectory() as tmp:
