@@ -271,18 +271,18 @@ def armt_memory_demo(args):
     from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM
     from armada.tasks import MemoryRetrieval, TaskCollator, TaskStream, build_dataset
 
-    task = MemoryRetrieval(context_length=14, n_pairs=1, n_symbols=8)  # bos, 14 context, query key answer, value
-    segment = 6
+    task = MemoryRetrieval(context_length=3, n_pairs=1, n_symbols=8)  # <bos> <key> k v | <query> k <answer> -> v
+    segment = 4  # the pair fills the first segment, the question the second: only memory links them
     config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, segment_size=segment, num_memory_tokens=4, d_mem=32,
-                               resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=task.vocab.BOS,
-                               eos_token_id=None, pad_token_id=task.vocab.PAD)
+                               num_attention_heads=4, segment_size=segment, num_memory_tokens=4, d_mem=16,
+                               num_memory_heads=1, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                               bos_token_id=task.vocab.BOS, eos_token_id=None, pad_token_id=task.vocab.PAD)
     model = UnifiedARMTForCausalLM(config)
     print(f"UnifiedARMT: 2 layers x 64 wide, segments of {segment} tokens + 4 memory tokens, "
-          f"{model.num_parameters():,} parameters; task: one key->value pair in 14 random tokens, query at the end "
-          f"(samples of 18 tokens = 3 segments); {args.armt_steps} Trainer steps")
+          f"{model.num_parameters():,} parameters; task: '<bos> <key> k v' in segment 1, '<query> k <answer>' in "
+          f"segment 2, predict v (8 values); {args.armt_steps} Trainer steps")
     training_args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="armada-demo-"), report_to=[],
-                                      max_steps=args.armt_steps, per_device_train_batch_size=32, learning_rate=1e-2,
+                                      max_steps=args.armt_steps, per_device_train_batch_size=32, learning_rate=3e-3,
                                       warmup_steps=20, lr_scheduler_type="cosine", save_strategy="no",
                                       logging_steps=max(1, args.armt_steps // 5), use_cpu=True, seed=args.seed)
     trainer = Trainer(model=model, args=training_args, train_dataset=TaskStream(task, seed=args.seed),
@@ -325,14 +325,14 @@ def main():
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--n-head", type=int, default=8)
     parser.add_argument("--sample-tokens", type=int, default=60)
-    parser.add_argument("--armt-steps", type=int, default=None, help="UnifiedARMT training steps (default 400, "
+    parser.add_argument("--armt-steps", type=int, default=None, help="UnifiedARMT training steps (default 500, "
                                                                       "quick 60)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.train_seconds = args.train_seconds or (20.0 if args.quick else 180.0)
     args.eval_blocks = args.eval_blocks or (8 if args.quick else 64)
-    args.armt_steps = args.armt_steps or (60 if args.quick else 400)
+    args.armt_steps = args.armt_steps or (60 if args.quick else 500)
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
     start, timings = time.perf_counter(), {}

@@ -1,3 +1,4 @@
+import math
 import tempfile
 
 import pytest
@@ -214,10 +215,13 @@ def test_gradient_truncation(tester):
 def test_learns_to_carry_a_token_across_segments_and_fails_without_memory():
     """Retrieval probe: the first token of segment 1 must be reproduced at the end of segment 2. Only memory can
     carry it (positions restart, no attention across segments); with the memory reset, accuracy is chance."""
-    tester = UnifiedARMTModelTester(vocab_size=12, hidden_size=32, segment_size=4, num_memory_tokens=4, d_mem=16,
+    tester = UnifiedARMTModelTester(vocab_size=12, hidden_size=64, segment_size=4, num_memory_tokens=4, d_mem=16,
                                     num_memory_heads=1)
     model = tester.model(seed=0, active_memory=False).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    steps = 500  # lr 3e-3 with warm-up and cosine decay: 4 of 4 seeds reached 100% when this test was written
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / 20) * 0.5 * (1 + math.cos(math.pi * step / steps)))
     generator = torch.Generator().manual_seed(0)
 
     def batch(n):  # [value, 3 fillers | 3 fillers, query | value]: the token after the query is the value
@@ -226,7 +230,7 @@ def test_learns_to_carry_a_token_across_segments_and_fails_without_memory():
         ids = torch.cat([value[:, None], filler, torch.ones(n, 1, dtype=torch.long), value[:, None]], dim=1)
         return ids, value
 
-    for _ in range(400):
+    for _ in range(steps):
         ids, value = batch(32)
         labels = torch.full_like(ids, -100)
         labels[:, -1] = value
@@ -234,6 +238,7 @@ def test_learns_to_carry_a_token_across_segments_and_fails_without_memory():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
     model.eval()
     ids, value = batch(256)
     with torch.no_grad():
