@@ -103,10 +103,14 @@ class _Task:
         return replace(self, **changes)
 
 
-def _ids_sample(prompt: list, answer: list) -> dict:
+def _ids_sample(prompt: list, answer: list, supervised: tuple = ()) -> dict:
+    """Labels are -100 except on the answer and on the prompt positions in `supervised` (extra training signal:
+    earlier queries' answers, or shown terms the rule determines). `answer`/`answer_start` are the final answer."""
     start = len(prompt)
-    return {"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * start + answer, "answer": answer,
-            "answer_start": start}
+    labels = [IGNORE_INDEX] * start + answer
+    for i in supervised:
+        labels[i] = prompt[i]
+    return {"input_ids": prompt + answer, "labels": labels, "answer": answer, "answer_start": start}
 
 
 # ----------------------------------------------------------------------------------------------- synthetic tasks
@@ -116,6 +120,8 @@ class MemoryRetrieval(_Task):
     """Key -> value markers scattered in random distractor tokens; then a query for one key, answered by its value.
 
     Layout: `<bos> [context_length tokens: distractors and n_pairs "<key> k.. v.."] <query> k.. <answer> v..`.
+    With `n_queries` > 1 the final query is preceded by n_queries - 1 more `<query> k.. <answer> v..` about other
+    keys (all distinct), whose values are labeled too: n_queries training signals per sample instead of one.
     """
 
     context_length: int = 128
@@ -123,9 +129,13 @@ class MemoryRetrieval(_Task):
     key_length: int = 1
     value_length: int = 1
     n_symbols: int = 64
+    n_queries: int = 1
 
     def __post_init__(self):
-        _check_ints(self, 1, "context_length", "n_pairs", "key_length", "value_length", "n_symbols")
+        _check_ints(self, 1, "context_length", "n_pairs", "key_length", "value_length", "n_symbols", "n_queries")
+        if self.n_queries > self.n_pairs:
+            raise ValueError(f"n_queries={self.n_queries} asks about distinct keys, so it must be <= n_pairs "
+                             f"({self.n_pairs}).")
         block = 1 + self.key_length + self.value_length
         if self.n_pairs * block > self.context_length:
             raise ValueError(
@@ -157,8 +167,13 @@ class MemoryRetrieval(_Task):
                 pair += 1
             else:
                 context.append(v.symbol(rng.randrange(self.n_symbols)))
-        q = rng.randrange(self.n_pairs)
-        return _ids_sample([v.BOS] + context + [v.QUERY] + keys[q] + [v.ANSWER], values[q])
+        *earlier, q = rng.sample(range(self.n_pairs), self.n_queries)
+        prompt, supervised = [v.BOS] + context, []
+        for e in earlier:
+            prompt += [v.QUERY] + keys[e] + [v.ANSWER]
+            supervised += range(len(prompt), len(prompt) + self.value_length)
+            prompt += values[e]
+        return _ids_sample(prompt + [v.QUERY] + keys[q] + [v.ANSWER], values[q], supervised)
 
 
 PATTERN_RULES = ("arithmetic", "fibonacci", "geometric", "custom")
@@ -175,7 +190,8 @@ class PatternReasoning(_Task):
     rule "arithmetic": x_k = a + k*d; "fibonacci": x_n = x_{n-1} + x_{n-2}; "geometric": x_k = a * r^k (needs a
     prime modulus so the ratio is identifiable); "custom": either `coefficients` (c_1..c_m: x_n = sum_i c_i x_{n-i})
     or `rule_fn(history) -> int` with `order` random first terms. Everything is mod `modulus`; a, d, r and the
-    first terms are drawn per sample. Symbol i stands for the number i.
+    first terms are drawn per sample. Symbol i stands for the number i. `label_shown=True` also labels every shown
+    term the rule determines (from index 2, or the recurrence order, on): up to n_shown - 1 training signals per sample.
     """
 
     rule: str = "arithmetic"
@@ -186,8 +202,11 @@ class PatternReasoning(_Task):
     rule_fn: Optional[Callable] = None
     order: int = 2
     n_symbols: Optional[int] = None   # vocab symbols; defaults to `modulus` (larger to share a vocab across tasks)
+    label_shown: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.label_shown, bool):
+            raise ValueError(f"label_shown must be True or False, got {self.label_shown!r}.")
         if self.rule not in PATTERN_RULES:
             raise ValueError(f"Unknown rule {self.rule!r}; allowed: {', '.join(PATTERN_RULES)}.")
         _check_ints(self, 2, "modulus")
@@ -248,7 +267,9 @@ class PatternReasoning(_Task):
     def sample(self, rng):
         v = self.vocab
         xs = [v.symbol(x) for x in self.sequence(rng, self.n_shown + self.n_predict)]
-        return _ids_sample([v.BOS] + xs[:self.n_shown] + [v.ANSWER], xs[self.n_shown:])
+        first = 2 if self.rule in ("arithmetic", "geometric") else self._recurrence()[1]  # first determined term
+        supervised = range(1 + first, 1 + self.n_shown) if self.label_shown else ()
+        return _ids_sample([v.BOS] + xs[:self.n_shown] + [v.ANSWER], xs[self.n_shown:], supervised)
 
 
 @dataclass
@@ -257,15 +278,18 @@ class MultiHop(_Task):
     shuffled pairs among `n_distractors` other pairs (whose sources are distinct nodes off the chain).
 
     Layout: `<bos> (u v <sep>)* <query> start k <answer> end`; the hop count k is written as symbol k.
+    With `n_queries` > 1 the final query (k = n_hops) is preceded by n_queries - 1 more `<query> s j <answer> e`
+    with random starts s on the chain and hop counts 1 <= j <= n_hops, labeled too (more signal per sample).
     """
 
     n_hops: int = 2
     chain_length: Optional[int] = None
     n_distractors: int = 8
     n_symbols: int = 64
+    n_queries: int = 1
 
     def __post_init__(self):
-        _check_ints(self, 1, "n_hops", "n_symbols")
+        _check_ints(self, 1, "n_hops", "n_symbols", "n_queries")
         _check_ints(self, 0, "n_distractors")
         if self.chain_length is not None:
             _check_ints(self, 1, "chain_length")
@@ -294,12 +318,19 @@ class MultiHop(_Task):
         chain = nodes[:L + 1]
         pairs = list(zip(chain, chain[1:])) + [(s, rng.randrange(self.n_symbols)) for s in nodes[L + 1:]]
         rng.shuffle(pairs)
-        start = rng.randrange(L - self.n_hops + 1)
         prompt = [v.BOS]
         for u, w in pairs:
             prompt += [v.symbol(u), v.symbol(w), v.SEP]
+        supervised = []
+        for _ in range(self.n_queries - 1):
+            hops = rng.randint(1, self.n_hops)
+            s = rng.randrange(L - hops + 1)
+            prompt += [v.QUERY, v.symbol(chain[s]), v.symbol(hops), v.ANSWER]
+            supervised.append(len(prompt))
+            prompt.append(v.symbol(chain[s + hops]))
+        start = rng.randrange(L - self.n_hops + 1)
         prompt += [v.QUERY, v.symbol(chain[start]), v.symbol(self.n_hops), v.ANSWER]
-        return _ids_sample(prompt, [v.symbol(chain[start + self.n_hops])])
+        return _ids_sample(prompt, [v.symbol(chain[start + self.n_hops])], supervised)
 
 
 # ---------------------------------------------------------------------------------------------------------- bAbI
@@ -730,13 +761,13 @@ class TaskStream(torch.utils.data.IterableDataset):
             yield {"input_ids": sample["input_ids"], "labels": sample["labels"]}
 
 
-def task_curriculum(stream: TaskStream, difficulties: list, steps_per_stage: Optional[int] = None,
+def task_curriculum(stream: TaskStream, difficulties: list, steps_per_stage=None,
                     metric: Optional[str] = None, thresholds: Optional[list] = None, eval_samples: int = 0,
                     greater_is_better: bool = True):
     """A `trainers.Curriculum` whose stages make `stream.task` harder: stage i sets
     `stream.task = base.with_difficulty(**difficulties[i])` and, if `eval_samples`, gives the trainer an eval set of
-    that difficulty. A stage ends after `steps_per_stage` steps or when `metric` (e.g. "eval_accuracy", see
-    `answer_accuracy`) reaches `thresholds[i]`.
+    that difficulty. A stage ends after `steps_per_stage` steps (one int for all stages, or a list with one per
+    stage) or when `metric` (e.g. "eval_accuracy", see `answer_accuracy`) reaches `thresholds[i]`.
 
         >>> stream = TaskStream(MultiHop(n_hops=1, chain_length=4))
         >>> curriculum = task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}, {"n_hops": 4}],
@@ -748,6 +779,12 @@ def task_curriculum(stream: TaskStream, difficulties: list, steps_per_stage: Opt
         raise ValueError("task_curriculum needs at least one difficulty (a dict of knob changes).")
     if thresholds is not None and len(thresholds) != len(difficulties):
         raise ValueError(f"Give one threshold per stage ({len(difficulties)}), got {len(thresholds)}.")
+    if isinstance(steps_per_stage, (list, tuple)):
+        if len(steps_per_stage) != len(difficulties):
+            raise ValueError(f"Give one steps_per_stage per stage ({len(difficulties)}), got {len(steps_per_stage)}.")
+        stage_steps = list(steps_per_stage)
+    else:
+        stage_steps = [steps_per_stage] * len(difficulties)
     base = stream.task
     tasks = [base.with_difficulty(**changes) for changes in difficulties]  # validates every stage up front
     stages = []
@@ -759,7 +796,7 @@ def task_curriculum(stream: TaskStream, difficulties: list, steps_per_stage: Opt
                                                      tokenizer=stream.tokenizer).select_columns(["input_ids",
                                                                                                  "labels"])
         name = ", ".join(f"{k}={v}" for k, v in changes.items()) or "base"
-        stages.append(CurriculumStage(name=name, apply=apply, max_steps=steps_per_stage,
+        stages.append(CurriculumStage(name=name, apply=apply, max_steps=stage_steps[i],
                                       metric=metric if thresholds is not None else None,
                                       threshold=thresholds[i] if thresholds is not None else None,
                                       greater_is_better=greater_is_better, params=dict(changes)))

@@ -1,16 +1,25 @@
 """UnifiedARMT on the synthetic memory / reasoning / multi-hop tasks, with sweeps over memory size and init.
 
-For every run: a tiny UnifiedARMT (default 4 layers, 128 wide) is trained from scratch with `transformers.Trainer`
-for a fixed number of steps on freshly generated samples of one task (`armada.tasks`), then scored on 1,000 held-out
-samples (a different seed) by exact match of the answer (teacher-forced argmax, which equals greedy decoding for
-these answers). Segments are shorter than the samples, so whatever crosses a segment boundary must go through memory.
+For every run a tiny UnifiedARMT (default 4 layers, 128 wide) is trained from scratch with `CurriculumTrainer` on an
+endless `TaskStream` of fresh samples (`armada.tasks`) for a fixed number of steps, then scored on 1,000 held-out
+samples of the evaluation task (a different seed) by exact match of the answer (teacher-forced argmax, which equals
+greedy decoding for these answers). Segments are shorter than the samples and every answer needs tokens from
+earlier segments, so it must come through memory; each run is also scored with the memory reset at every segment
+boundary (the same weights), which shows what memory contributes.
+
+Training signal and curricula (evaluation always uses the plain task: one query, only the final answer scored):
+  - memory_retrieval: every pair is queried (`n_queries`), and the context grows over the stages (first inside one
+    segment, then across two, then the full length);
+  - pattern_reasoning: every term the rule determines is labeled (`label_shown`); the answer marker opens a new
+    segment, so the last terms come from memory;
+  - multi_hop: four queries per sample with 1..n_hops hops (`n_queries`).
 
 Runs: each task with 16 memory tokens and random init; `memory_retrieval` again with 8/32/64 memory tokens and with
 the orthogonal and embedding_kmeans inits. Targets (issue 4): retrieval >= 95%, reasoning >= 90%, multi-hop >= 99%.
 
-    python benchmarks/armt_tasks.py                   # full run (about 40 minutes on 2 CPU cores)
+    python benchmarks/armt_tasks.py                   # full run (about 90 minutes on 2 CPU cores)
     python benchmarks/armt_tasks.py --quick           # smoke test: tiny model, few steps
-    python benchmarks/armt_tasks.py --runs retrieval_m16_random,multi_hop_m16_random
+    python benchmarks/armt_tasks.py --runs memory_retrieval_m16_random,multi_hop_m16_random
 """
 
 import argparse
@@ -22,27 +31,39 @@ import tempfile
 import time
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
 from armada.io_utils import atomic_savefig, atomic_write_text  # noqa: E402
-from armada.tasks import MemoryRetrieval, MultiHop, PatternReasoning, TaskCollator, answer_accuracy, build_dataset  # noqa: E402,E501
+from armada.tasks import MemoryRetrieval, MultiHop, PatternReasoning, TaskCollator, TaskStream  # noqa: E402
+from armada.tasks import answer_accuracy, build_dataset, task_curriculum  # noqa: E402
+from armada.trainers import CurriculumTrainer  # noqa: E402
 
 TARGETS = {"memory_retrieval": 0.95, "pattern_reasoning": 0.90, "multi_hop": 0.99}
 
 
 def tasks(quick):
-    """The task generators and the segment size that makes each sample span several segments."""
+    """name -> (evaluation task, segment size, training stages [(fraction of the steps, knobs of the stage)]).
+
+    Stage knobs are applied to the evaluation task; each sample spans several segments at the last stage."""
     if quick:
-        return {"memory_retrieval": (MemoryRetrieval(context_length=24, n_pairs=2, n_symbols=16), 8),
-                "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=17, n_shown=6), 4),
-                "multi_hop": (MultiHop(n_hops=2, n_distractors=2, n_symbols=16), 8)}
-    return {"memory_retrieval": (MemoryRetrieval(context_length=96, n_pairs=4, n_symbols=32), 32),
-            "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=31, n_shown=12), 8),
-            "multi_hop": (MultiHop(n_hops=2, n_distractors=6, n_symbols=32), 16)}
+        return {"memory_retrieval": (MemoryRetrieval(context_length=24, n_pairs=2, n_symbols=16), 8,
+                                     [(0.5, {"context_length": 6, "n_queries": 2}), (0.5, {"n_queries": 2})]),
+                "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=17, n_shown=7), 4,
+                                      [(1.0, {"label_shown": True})]),
+                "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=2, n_symbols=16), 8,
+                              [(1.0, {"n_queries": 3})])}
+    return {"memory_retrieval": (MemoryRetrieval(context_length=48, n_pairs=2, n_symbols=16), 16,
+                                 [(1 / 6, {"context_length": 8, "n_queries": 2}),
+                                  (1 / 4, {"context_length": 24, "n_queries": 2}),
+                                  (7 / 12, {"n_queries": 2})]),
+            "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=17, n_shown=15), 8,
+                                  [(1.0, {"label_shown": True})]),
+            "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=5, n_symbols=32), 16,
+                          [(1.0, {"n_queries": 4})])}
 
 
 def runs(quick):
@@ -58,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other runs already in <out>/armt_tasks.json (replace only the runs made now)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1200, quick 30)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -82,8 +105,27 @@ class Clock(TrainerCallback):
         self.seconds = time.perf_counter() - self.start
 
 
+@torch.no_grad()
+def accuracy(model, data, collator, reset_memory=False, batch_size=250):
+    """Exact-match accuracy; with `reset_memory` the input is streamed one segment at a time and the memory state
+    is reset after each, so nothing crosses a segment boundary (same weights, memory ablated)."""
+    model.eval()
+    segment, correct = model.config.segment_size, 0.0
+    for i in range(0, len(data), batch_size):
+        batch = collator([data[j] for j in range(i, min(i + batch_size, len(data)))])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if not reset_memory:
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        else:
+            pieces = [model(input_ids=ids[:, t:t + segment], attention_mask=mask[:, t:t + segment],
+                            use_cache=False).logits for t in range(0, ids.shape[1], segment)]
+            logits = torch.cat(pieces, dim=1)
+        correct += answer_accuracy(logits, batch["labels"]) * len(ids)
+    return correct / len(data)
+
+
 def run(name, task_name, memory_tokens, memory_init, args):
-    task, segment_size = tasks(args.quick)[task_name]
+    task, segment_size, stages = tasks(args.quick)[task_name]
     set_seed(args.seed)
     config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=args.hidden_size,
                                num_hidden_layers=args.layers, num_attention_heads=4, segment_size=segment_size,
@@ -91,33 +133,39 @@ def run(name, task_name, memory_tokens, memory_init, args):
                                memory_init=memory_init, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                bos_token_id=task.vocab.BOS, eos_token_id=None, pad_token_id=task.vocab.PAD)
     model = UnifiedARMTForCausalLM(config)
-    train = build_dataset(task, args.steps * args.batch_size, seed=args.seed)  # every step sees new samples
+    stage_steps = [max(1, round(fraction * args.steps)) for fraction, _ in stages]
+    stage_steps[-1] = max(1, args.steps - sum(stage_steps[:-1]))
+    stream = TaskStream(task.with_difficulty(**stages[0][1]), seed=args.seed)  # every step sees new samples
+    curriculum = task_curriculum(stream, [knobs for _, knobs in stages], steps_per_stage=stage_steps)
     test = build_dataset(task, args.eval_samples, seed=10_000 + args.seed)
     lengths = [len(x) for x in test["input_ids"]]
+    collator = TaskCollator(task.vocab.tokenizer())
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
             output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=128, learning_rate=args.lr, warmup_ratio=0.05, lr_scheduler_type="cosine",
-            weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, args.steps // 10), save_strategy="no",
-            report_to=[], seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
-            remove_unused_columns=True)
+            per_device_eval_batch_size=250, learning_rate=args.lr, warmup_steps=min(100, args.steps // 10),
+            lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, args.steps // 10),
+            eval_strategy="steps", eval_steps=max(1, args.steps // 6), save_strategy="no", report_to=[],
+            seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False)
         clock = Clock()
-        trainer = Trainer(model=model, args=training_args, train_dataset=train.select_columns(["input_ids", "labels"]),
-                          eval_dataset=test.select_columns(["input_ids", "labels"]),
-                          data_collator=TaskCollator(task.vocab.tokenizer()), callbacks=[clock],
-                          preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
-                          compute_metrics=lambda p: {"accuracy": answer_accuracy(p.predictions, p.label_ids)})
-        result = trainer.train()
-        metrics = trainer.evaluate()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"name": name, "task": task_name, "task_params": {k: v for k, v in vars(task).items()},
+        trainer = CurriculumTrainer(
+            model=model, args=training_args, train_dataset=stream, curriculum=curriculum,
+            eval_dataset=test.select_columns(["input_ids", "labels"]), data_collator=collator, callbacks=[clock],
+            preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+            compute_metrics=lambda p: {"accuracy": answer_accuracy(p.predictions, p.label_ids)})
+        trainer.train()
+    history = trainer.state.log_history
+    with_memory = accuracy(model, test, collator)
+    return {"name": name, "task": task_name,
+            "task_params": {k: v for k, v in vars(task).items() if not callable(v)},
+            "stages": [{"steps": n, "knobs": knobs} for n, (_, knobs) in zip(stage_steps, stages)],
             "segment_size": segment_size, "sample_tokens": {"min": min(lengths), "max": max(lengths)},
             "segments_per_sample": max(lengths) / segment_size, "num_memory_tokens": memory_tokens,
-            "memory_init": memory_init, "steps": args.steps, "train_samples": len(train),
-            "train_seconds": round(clock.seconds, 1), "final_train_loss": losses[-1] if losses else None,
-            "train_loss_curve": losses, "eval_loss": metrics["eval_loss"], "accuracy": metrics["eval_accuracy"],
-            "target": TARGETS[task_name] if not args.quick else None,
-            "parameters": model.num_parameters(), "train_runtime": result.metrics["train_runtime"]}
+            "memory_init": memory_init, "steps": args.steps, "train_seconds": round(clock.seconds, 1),
+            "train_loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
+            "eval_accuracy_curve": [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h],
+            "accuracy": with_memory, "accuracy_memory_reset": accuracy(model, test, collator, reset_memory=True),
+            "target": TARGETS[task_name] if not args.quick else None, "parameters": model.num_parameters()}
 
 
 def plot(results, path):
@@ -128,7 +176,13 @@ def plot(results, path):
 
     fig, (ax_a, ax_m) = plt.subplots(1, 2, figsize=(12, 4))
     names = [r["name"] for r in results]
-    ax_a.barh(names, [r["accuracy"] for r in results], color="tab:blue")
+    y = range(len(names))
+    ax_a.barh([i + 0.2 for i in y], [r["accuracy"] for r in results], height=0.4, color="tab:blue",
+              label="memory kept")
+    ax_a.barh([i - 0.2 for i in y], [r["accuracy_memory_reset"] for r in results], height=0.4, color="tab:gray",
+              label="memory reset at every segment")
+    ax_a.set_yticks(list(y), names)
+    ax_a.legend(loc="lower right", fontsize=8)
     for i, r in enumerate(results):
         if r["target"]:
             ax_a.plot([r["target"]] * 2, [i - 0.4, i + 0.4], "r-")
@@ -155,23 +209,35 @@ def main(argv=None):
     unknown = [r for r in chosen if r not in available]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; available: {list(available)}")
-    started, results = time.perf_counter(), []
+    path = os.path.join(args.out, "armt_tasks.json")
+    previous = {}
+    if args.merge and os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("quick") == args.quick:
+            previous = {r["name"]: r for r in old["results"]}
+    results = []
     for name in chosen:
-        results.append(run(name, *available[name], args))
-        print(json.dumps({k: v for k, v in results[-1].items() if k != "train_loss_curve"}), flush=True)
-    report = {"benchmark": "armt_tasks", "quick": args.quick, "args": vars(args), "results": results,
+        started = time.perf_counter()
+        result = run(name, *available[name], args)
+        result["args"], result["wall_seconds"] = vars(args), round(time.perf_counter() - started, 1)
+        results.append(result)
+        print(json.dumps({k: v for k, v in result.items() if not k.endswith("curve")}), flush=True)
+    merged = {**previous, **{r["name"]: r for r in results}}
+    results = [merged[name] for name in available if name in merged]  # in the order of `runs`
+    report = {"benchmark": "armt_tasks", "quick": args.quick, "results": results,
               "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                              "threads": args.threads},
-              "wall_seconds": round(time.perf_counter() - started, 1)}
+                              "threads": args.threads}}
     os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "armt_tasks.json"), json.dumps(report, indent=2))
+    atomic_write_text(path, json.dumps(report, indent=2))
     plot(results, os.path.join(args.out, "armt_tasks.png"))
-    lines = ["| run | segments/sample | memory tokens | init | steps | train s | accuracy | target |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | segments/sample | memory tokens | init | steps | train s | accuracy | memory reset | target |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         target = f"{r['target']:.0%}" if r["target"] else "-"
         lines.append(f"| {r['name']} | {r['segments_per_sample']:.1f} | {r['num_memory_tokens']} | {r['memory_init']} "
-                     f"| {r['steps']} | {r['train_seconds']:.0f} | {r['accuracy']:.1%} | {target} |")
+                     f"| {r['steps']} | {r['train_seconds']:.0f} | {r['accuracy']:.1%} "
+                     f"| {r['accuracy_memory_reset']:.1%} | {target} |")
     atomic_write_text(os.path.join(args.out, "armt_tasks.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -19,7 +19,14 @@ def test_armt_tasks_quick(tmp_path):
     report = json.loads((tmp_path / "armt_tasks.json").read_text())
     (result,) = report["results"]
     assert result["task"] == "multi_hop" and 0.0 <= result["accuracy"] <= 1.0 and result["segments_per_sample"] > 1
+    assert 0.0 <= result["accuracy_memory_reset"] <= 1.0 and result["stages"][0]["knobs"] == {"n_queries": 3}
     assert (tmp_path / "armt_tasks.png").stat().st_size > 0 and (tmp_path / "armt_tasks.md").exists()
+    # --merge keeps the runs already there and adds the new one, in the benchmark's order
+    run_script("armt_tasks.py", "--quick", "--runs", "pattern_reasoning_m4_random", "--steps", "3", "--merge",
+               "--out", str(tmp_path))
+    report = json.loads((tmp_path / "armt_tasks.json").read_text())
+    assert [r["name"] for r in report["results"]] == ["pattern_reasoning_m4_random", "multi_hop_m4_random"]
+    assert "pattern_reasoning_m4_random" in (tmp_path / "armt_tasks.md").read_text()
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 

@@ -140,6 +140,54 @@ def test_multi_hop_answers():
             assert len(s["input_ids"]) == 1 + 3 * (chain + 10) + 4 + 1
 
 
+def labeled_spans(sample):
+    """(position, label) of every supervised token."""
+    return [(i, y) for i, y in enumerate(sample["labels"]) if y != -100]
+
+
+def test_memory_retrieval_extra_queries_are_labeled_and_answered():
+    task = MemoryRetrieval(context_length=40, n_pairs=4, value_length=2, n_symbols=16, n_queries=3)
+    v = TaskVocab(1)
+    for s in task.generate(50, seed=4):
+        ids = s["input_ids"]
+        assert solve_retrieval(ids, 1, 2) == s["answer"] and ids[-2:] == s["answer"]
+        queries = [i for i, x in enumerate(ids) if x == v.QUERY]
+        assert len(queries) == 3 and len({ids[q + 1] for q in queries}) == 3   # distinct keys
+        spans = labeled_spans(s)
+        assert [i for i, _ in spans] == [i for q in queries for i in (q + 3, q + 4)]
+        for q in queries:   # each earlier query, answered by the solver on the sample cut after it
+            assert solve_retrieval(ids[:q + 5], 1, 2) == ids[q + 3:q + 5] == s["labels"][q + 3:q + 5]
+    with pytest.raises(ValueError, match="n_queries=5 .*<= n_pairs"):
+        MemoryRetrieval(n_pairs=4, n_queries=5)
+
+
+def test_pattern_reasoning_label_shown_labels_the_determined_terms():
+    task = PatternReasoning("fibonacci", modulus=31, n_shown=7, label_shown=True)
+    for s in task.generate(30, seed=5):
+        ids = s["input_ids"]
+        shown = [x - N_SPECIAL for x in ids[1:8]]
+        assert [i for i, _ in labeled_spans(s)] == list(range(3, 8)) + [9]   # terms 2..6 and the answer
+        assert [x - N_SPECIAL for x in s["labels"][3:8]] == solve_pattern(shown[:2], 31, 5, "fibonacci")
+    plain = PatternReasoning("fibonacci", modulus=31, n_shown=7).generate(30, seed=5)
+    assert [p["input_ids"] for p in plain] == [s["input_ids"] for s in task.generate(30, seed=5)]
+    with pytest.raises(ValueError, match="label_shown must be True or False"):
+        PatternReasoning(label_shown=1)
+
+
+def test_multi_hop_extra_queries_are_labeled_and_answered():
+    task = MultiHop(n_hops=3, chain_length=4, n_distractors=5, n_symbols=32, n_queries=4)
+    v = TaskVocab(1)
+    for s in task.generate(40, seed=6):
+        ids = s["input_ids"]
+        queries = [i for i, x in enumerate(ids) if x == v.QUERY]
+        assert len(queries) == 4 and ids[queries[-1] + 2] - N_SPECIAL == 3
+        assert [i for i, _ in labeled_spans(s)] == [q + 4 for q in queries]
+        for q in queries:   # the solver reads the first query, so hide the earlier ones
+            cut = ids[:queries[0]] + ids[q:q + 5]
+            assert solve_multi_hop(cut) == [ids[q + 4]]
+            assert 1 <= ids[q + 2] - N_SPECIAL <= 3
+
+
 # ---------------------------------------------------------------------------- an independent solver for bAbI
 
 PEOPLE = r"(Mary|John|Daniel|Sandra|Fred|Bill|Jeff|Julie)"
