@@ -496,7 +496,7 @@ def test_task_curriculum_makes_the_stream_harder_inside_curriculum_trainer(tmp_p
 
     base = MultiHop(n_hops=1, chain_length=3, n_distractors=2, n_symbols=16)
     stream = TaskStream(base, seed=0)
-    curriculum = task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}, {"n_hops": 3}], steps_per_stage=2,
+    curriculum = task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}, {"n_hops": 3}], steps_per_stage=[1, 3, 2],
                                  eval_samples=8)
     config = UnifiedARMTConfig(vocab_size=base.vocab.vocab_size, hidden_size=32, num_hidden_layers=1,
                                num_attention_heads=2, segment_size=8, num_memory_tokens=2, d_mem=8)
@@ -513,7 +513,10 @@ def test_task_curriculum_makes_the_stream_harder_inside_curriculum_trainer(tmp_p
                                 data_collator=Spy(base.vocab.tokenizer()), curriculum=curriculum)
     trainer.train()
     assert [h["params"]["n_hops"] for h in trainer.curriculum_history] == [1, 2, 3]
+    assert [h["end_step"] for h in trainer.curriculum_history] == [1, 4, 6]   # per-stage steps 1, 3, 2
     assert stream.task.n_hops == 3 and set(seen) >= {2, 3}
     assert "eval_loss" in trainer.evaluate()  # the eval set of the last stage
     with pytest.raises(ValueError, match="n_hops"):
         task_curriculum(stream, [{"n_hops": 5}])  # longer than the chain: rejected before training
+    with pytest.raises(ValueError, match="one steps_per_stage per stage"):
+        task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}], steps_per_stage=[5])
