@@ -53,6 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--memory-tokens", type=int, default=16)
     p.add_argument("--eval-samples", type=int, default=None, help="per length (default 100, quick 4)")
     p.add_argument("--models", default="armt,full")
+    p.add_argument("--vocab-size", type=int, default=0,
+                   help="0: GPT-2 BPE (50,257 ids); N: a byte-level BPE of N ids retrained from GPT-2's with "
+                        "train_new_from_iterator on the background text and bAbI stories (a small LM head makes "
+                        "CPU training affordable)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -67,6 +71,22 @@ def parse_args(argv=None):
     if args.train_length > 1024:
         raise SystemExit(f"--train-length must be <= 1024 (the benchmark trains at <= 1K), got {args.train_length}")
     return args
+
+
+def small_tokenizer(vocab_size, task_names, seed=0):
+    """GPT-2's byte-level BPE retrained (`train_new_from_iterator`) on the background text plus bAbI stories, so that
+    bAbI words and frequent background words are single tokens. Deterministic for a given corpus."""
+    from armada.tasks import DEFAULT_BACKGROUND
+
+    with open(DEFAULT_BACKGROUND, encoding="utf-8") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    stories = []
+    for name in task_names:
+        for story in BabiTask(task=name).generate(2000, seed=seed):
+            stories.append(f"{story['context']}\nQuestion: {story['question']}\nAnswer: {story['answer']}")
+    tokenizer = gpt2_tokenizer().train_new_from_iterator(lines + stories, vocab_size=vocab_size)
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def build_model(kind, args, vocab_size):
@@ -124,8 +144,11 @@ def evaluate(model, kind, task, length, args, tokenizer):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    tokenizer = gpt2_tokenizer()
-    tokenizer.pad_token = tokenizer.eos_token
+    if args.vocab_size:
+        tokenizer = small_tokenizer(args.vocab_size, args.tasks.split(","), seed=args.seed)
+    else:
+        tokenizer = gpt2_tokenizer()
+        tokenizer.pad_token = tokenizer.eos_token
     started, results = time.perf_counter(), []
     for task_name in args.tasks.split(","):
         task = BabiTask(task=task_name)
@@ -136,6 +159,8 @@ def main(argv=None):
             print(json.dumps({k: v for k, v in results[-1].items() if k != "loss_curve"}), flush=True)
     report = {"benchmark": "armt_babilong", "quick": args.quick, "args": vars(args), "results": results,
               "data": "bAbI facts from armada.tasks.BabiTask in ../shared/data/tinyshakespeare background",
+              "tokenizer": (f"byte-level BPE with {len(tokenizer)} ids retrained from GPT-2's on the background text "
+                            "and bAbI stories") if args.vocab_size else "GPT-2 BPE",
               "environment": {"python": platform.python_version(), "torch": torch.__version__},
               "wall_seconds": round(time.perf_counter() - started, 1)}
     os.makedirs(args.out, exist_ok=True)

@@ -1,6 +1,6 @@
 """UnifiedARMT on the synthetic memory / reasoning / multi-hop tasks, with sweeps over memory size and init.
 
-For every run a tiny UnifiedARMT (default 4 layers, 128 wide) is trained from scratch with `CurriculumTrainer` on an
+For every run a tiny UnifiedARMT (default 3 layers, 64 wide) is trained from scratch with `CurriculumTrainer` on an
 endless `TaskStream` of fresh samples (`armada.tasks`) for a fixed number of steps, then scored on 1,000 held-out
 samples of the evaluation task (a different seed) by exact match of the answer (teacher-forced argmax, which equals
 greedy decoding for these answers). Segments are shorter than the samples and every answer needs tokens from
@@ -17,7 +17,7 @@ Training signal and curricula (evaluation always uses the plain task: one query,
 Runs: each task with 16 memory tokens and random init; `memory_retrieval` again with 8/32/64 memory tokens and with
 the orthogonal and embedding_kmeans inits. Targets (issue 4): retrieval >= 95%, reasoning >= 90%, multi-hop >= 99%.
 
-    python benchmarks/armt_tasks.py                   # full run (about 90 minutes on 2 CPU cores)
+    python benchmarks/armt_tasks.py                   # full run (hours on 2 CPU cores; --runs picks some)
     python benchmarks/armt_tasks.py --quick           # smoke test: tiny model, few steps
     python benchmarks/armt_tasks.py --runs memory_retrieval_m16_random,multi_hop_m16_random
 """
@@ -45,6 +45,9 @@ from armada.trainers import CurriculumTrainer  # noqa: E402
 TARGETS = {"memory_retrieval": 0.95, "pattern_reasoning": 0.90, "multi_hop": 0.99}
 
 
+STEPS = {"memory_retrieval": 8000, "pattern_reasoning": 800, "multi_hop": 4000}  # default budgets (--steps overrides)
+
+
 def tasks(quick):
     """name -> (evaluation task, segment size, training stages [(fraction of the steps, knobs of the stage)]).
 
@@ -57,20 +60,26 @@ def tasks(quick):
                 "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=2, n_symbols=16), 8,
                               [(1.0, {"n_queries": 3})])}
     return {"memory_retrieval": (MemoryRetrieval(context_length=48, n_pairs=2, n_symbols=16), 16,
-                                 [(1 / 6, {"context_length": 8, "n_queries": 2}),
-                                  (1 / 4, {"context_length": 24, "n_queries": 2}),
-                                  (7 / 12, {"n_queries": 2})]),
+                                 [(0.1, {"context_length": 8, "n_queries": 2}),
+                                  (0.2, {"context_length": 24, "n_queries": 2}),
+                                  (0.7, {"n_queries": 2})]),
             "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=17, n_shown=15), 8,
                                   [(1.0, {"label_shown": True})]),
-            "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=5, n_symbols=32), 16,
+            "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=3, n_symbols=16), 8,
                           [(1.0, {"n_queries": 4})])}
 
 
-def runs(quick):
+SWEPT = "pattern_reasoning"  # the default sweeps run on the task that trains in minutes
+
+
+def runs(quick, everything=False):
+    """Run name -> (task, memory tokens, memory init). Default: every task with 16 memory tokens and random init,
+    then the memory-size (8/32/64) and init sweeps on SWEPT; `everything`: the sweeps on every task."""
     out = [(task, 16 if not quick else 4, "random") for task in TARGETS]
     if not quick:
-        out += [("memory_retrieval", m, "random") for m in (8, 32, 64)]
-        out += [("memory_retrieval", 16, init) for init in ("orthogonal", "embedding_kmeans")]
+        for task in (TARGETS if everything else [SWEPT]):
+            out += [(task, m, "random") for m in (8, 32, 64)]
+            out += [(task, 16, init) for init in ("orthogonal", "embedding_kmeans")]
     return {f"{task}_m{m}_{init}": (task, m, init) for task, m, init in out}
 
 
@@ -81,18 +90,21 @@ def parse_args(argv=None):
     p.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other runs already in <out>/armt_tasks.json (replace only the runs made now)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1200, quick 30)")
+    p.add_argument("--add", action="append", default=[], metavar="JSON",
+                   help="also take the runs in this armt_tasks.json (e.g. made in parallel); with --runs '' the "
+                        "report is only rebuilt")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps per run (default per task {STEPS}, quick 30)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--hidden-size", type=int, default=None, help="default 128 (quick 32)")
-    p.add_argument("--layers", type=int, default=None, help="default 4 (quick 2)")
+    p.add_argument("--hidden-size", type=int, default=None, help="default 64 (quick 32)")
+    p.add_argument("--layers", type=int, default=None, help="default 3 (quick 2)")
     p.add_argument("--eval-samples", type=int, default=None, help="default 1000 (quick 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.steps = args.steps or (30 if args.quick else 1200)
-    args.hidden_size = args.hidden_size or (32 if args.quick else 128)
-    args.layers = args.layers or (2 if args.quick else 4)
+    args.hidden_size = args.hidden_size or (32 if args.quick else 64)
+    args.layers = args.layers or (2 if args.quick else 3)
     args.eval_samples = args.eval_samples or (64 if args.quick else 1000)
     return args
 
@@ -126,6 +138,7 @@ def accuracy(model, data, collator, reset_memory=False, batch_size=250):
 
 def run(name, task_name, memory_tokens, memory_init, args):
     task, segment_size, stages = tasks(args.quick)[task_name]
+    steps = args.steps or (30 if args.quick else STEPS[task_name])
     set_seed(args.seed)
     config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=args.hidden_size,
                                num_hidden_layers=args.layers, num_attention_heads=4, segment_size=segment_size,
@@ -133,8 +146,8 @@ def run(name, task_name, memory_tokens, memory_init, args):
                                memory_init=memory_init, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                bos_token_id=task.vocab.BOS, eos_token_id=None, pad_token_id=task.vocab.PAD)
     model = UnifiedARMTForCausalLM(config)
-    stage_steps = [max(1, round(fraction * args.steps)) for fraction, _ in stages]
-    stage_steps[-1] = max(1, args.steps - sum(stage_steps[:-1]))
+    stage_steps = [max(1, round(fraction * steps)) for fraction, _ in stages]
+    stage_steps[-1] = max(1, steps - sum(stage_steps[:-1]))
     stream = TaskStream(task.with_difficulty(**stages[0][1]), seed=args.seed)  # every step sees new samples
     curriculum = task_curriculum(stream, [knobs for _, knobs in stages], steps_per_stage=stage_steps)
     test = build_dataset(task, args.eval_samples, seed=10_000 + args.seed)
@@ -142,10 +155,10 @@ def run(name, task_name, memory_tokens, memory_init, args):
     collator = TaskCollator(task.vocab.tokenizer())
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
-            output_dir=tmp, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            per_device_eval_batch_size=250, learning_rate=args.lr, warmup_steps=min(100, args.steps // 10),
-            lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, args.steps // 10),
-            eval_strategy="steps", eval_steps=max(1, args.steps // 6), save_strategy="no", report_to=[],
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=args.batch_size,
+            per_device_eval_batch_size=250, learning_rate=args.lr, warmup_steps=min(100, steps // 10),
+            lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, steps // 10),
+            eval_strategy="steps", eval_steps=max(1, steps // 6), save_strategy="no", report_to=[],
             seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False)
         clock = Clock()
         trainer = CurriculumTrainer(
@@ -161,7 +174,7 @@ def run(name, task_name, memory_tokens, memory_init, args):
             "stages": [{"steps": n, "knobs": knobs} for n, (_, knobs) in zip(stage_steps, stages)],
             "segment_size": segment_size, "sample_tokens": {"min": min(lengths), "max": max(lengths)},
             "segments_per_sample": max(lengths) / segment_size, "num_memory_tokens": memory_tokens,
-            "memory_init": memory_init, "steps": args.steps, "train_seconds": round(clock.seconds, 1),
+            "memory_init": memory_init, "steps": steps, "train_seconds": round(clock.seconds, 1),
             "train_loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
             "eval_accuracy_curve": [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h],
             "accuracy": with_memory, "accuracy_memory_reset": accuracy(model, test, collator, reset_memory=True),
@@ -204,18 +217,19 @@ def plot(results, path):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    available = runs(args.quick)
-    chosen = args.runs.split(",") if args.runs else list(available)
+    chosen = [r for r in args.runs.split(",") if r] if args.runs is not None else list(runs(args.quick))
+    available = runs(args.quick, everything=True)
     unknown = [r for r in chosen if r not in available]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; available: {list(available)}")
     path = os.path.join(args.out, "armt_tasks.json")
     previous = {}
-    if args.merge and os.path.isfile(path):
-        with open(path) as f:
+    for old_path in ([path] if args.merge and os.path.isfile(path) else []) + args.add:
+        with open(old_path) as f:
             old = json.load(f)
-        if old.get("quick") == args.quick:
-            previous = {r["name"]: r for r in old["results"]}
+        if old.get("quick") != args.quick:
+            raise SystemExit(f"{old_path} holds {'quick' if old.get('quick') else 'full'} runs; cannot mix them.")
+        previous.update({r["name"]: r for r in old["results"]})
     results = []
     for name in chosen:
         started = time.perf_counter()

@@ -38,3 +38,13 @@ def test_armt_scaling_quick(tmp_path):
     assert all(r["seconds"] > 0 and "error" not in r for r in report["results"])
     assert report["summary"]["length_ratio"] == 2
     assert (tmp_path / "armt_scaling.png").stat().st_size > 0
+
+
+def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
+    run_script("armt_babilong.py", "--quick", "--vocab-size", "512", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "armt_babilong.json").read_text())
+    assert {r["model"] for r in report["results"]} == {"armt", "full"} and "512 ids" in report["tokenizer"]
+    armt, full = sorted(report["results"], key=lambda r: r["model"])
+    assert all(e["accuracy"] is not None for e in armt["eval"])          # memory reads any length
+    assert full["eval"][-1]["accuracy"] is None and "cannot" in full["eval"][-1]["stopped"]
+    assert (tmp_path / "armt_babilong.png").stat().st_size > 0
