@@ -121,7 +121,9 @@ class MemoryRetrieval(_Task):
 
     Layout: `<bos> [context_length tokens: distractors and n_pairs "<key> k.. v.."] <query> k.. <answer> v..`.
     With `n_queries` > 1 the final query is preceded by n_queries - 1 more `<query> k.. <answer> v..` about other
-    keys (all distinct), whose values are labeled too: n_queries training signals per sample instead of one.
+    keys (all distinct), whose values are labeled too: n_queries training signals per sample instead of one. Keep
+    n_queries well below n_pairs: the final answer is never among the earlier ones, so with n_queries = n_pairs it
+    is the one value not yet given, a shortcut around memory.
     """
 
     context_length: int = 128
@@ -279,7 +281,8 @@ class MultiHop(_Task):
 
     Layout: `<bos> (u v <sep>)* <query> start k <answer> end`; the hop count k is written as symbol k.
     With `n_queries` > 1 the final query (k = n_hops) is preceded by n_queries - 1 more `<query> s j <answer> e`
-    with random starts s on the chain and hop counts 1 <= j <= n_hops, labeled too (more signal per sample).
+    with starts s on the chain and hop counts 1 <= j <= n_hops, labeled too (more signal per sample); they are
+    distinct and none has the final answer, so it cannot be copied from them.
     """
 
     n_hops: int = 2
@@ -303,6 +306,12 @@ class MultiHop(_Task):
                              f"{max(self.n_symbols - self.length - 1, 0)}.")
         if self.n_hops >= self.n_symbols:
             raise ValueError(f"The hop count is written as a symbol, so n_hops must be < n_symbols ({self.n_symbols}).")
+        queries = sum(self.length - h + 1 for h in range(1, self.n_hops + 1))  # (start, hops) pairs on the chain
+        if self.n_queries - 1 > queries - self.n_hops:
+            raise ValueError(f"n_queries={self.n_queries}: the earlier queries are distinct and never end where the "
+                             f"final one does, so at most {queries - self.n_hops + 1} fit a chain of {self.length} "
+                             f"with n_hops={self.n_hops}; allowed: n_queries <= {queries - self.n_hops + 1}, or a "
+                             f"longer chain_length.")
 
     @property
     def length(self) -> int:
@@ -321,14 +330,14 @@ class MultiHop(_Task):
         prompt = [v.BOS]
         for u, w in pairs:
             prompt += [v.symbol(u), v.symbol(w), v.SEP]
+        start = rng.randrange(L - self.n_hops + 1)
+        # earlier queries: distinct, and none ends where the final one does (its answer would be copied)
+        others = [(s, h) for h in range(1, self.n_hops + 1) for s in range(L - h + 1) if s + h != start + self.n_hops]
         supervised = []
-        for _ in range(self.n_queries - 1):
-            hops = rng.randint(1, self.n_hops)
-            s = rng.randrange(L - hops + 1)
+        for s, hops in rng.sample(others, self.n_queries - 1):
             prompt += [v.QUERY, v.symbol(chain[s]), v.symbol(hops), v.ANSWER]
             supervised.append(len(prompt))
             prompt.append(v.symbol(chain[s + hops]))
-        start = rng.randrange(L - self.n_hops + 1)
         prompt += [v.QUERY, v.symbol(chain[start]), v.symbol(self.n_hops), v.ANSWER]
         return _ids_sample(prompt, [v.symbol(chain[start + self.n_hops])], supervised)
 

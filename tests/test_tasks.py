@@ -186,6 +186,10 @@ def test_multi_hop_extra_queries_are_labeled_and_answered():
             cut = ids[:queries[0]] + ids[q:q + 5]
             assert solve_multi_hop(cut) == [ids[q + 4]]
             assert 1 <= ids[q + 2] - N_SPECIAL <= 3
+        asked = [tuple(ids[q + 1:q + 3]) for q in queries]
+        assert len(set(asked)) == 4 and s["answer"][0] not in [ids[q + 4] for q in queries[:-1]]  # nothing to copy
+    with pytest.raises(ValueError, match="n_queries=5: .*allowed: n_queries <= 4"):
+        MultiHop(n_hops=2, chain_length=3, n_queries=5)
 
 
 # ---------------------------------------------------------------------------- an independent solver for bAbI
