@@ -147,7 +147,8 @@ def run(name, task_name, memory_tokens, memory_init, args):
     model = UnifiedARMTForCausalLM(config)
     stage_steps = [max(1, round(fraction * steps)) for fraction, _ in stages]
     stage_steps[-1] = max(1, steps - sum(stage_steps[:-1]))
-    stream = TaskStream(task.with_difficulty(**stages[0][1]), seed=args.seed)  # every step sees new samples
+    # stage knobs apply to the evaluation task; the first stage's task is swapped in when training begins
+    stream = TaskStream(task, seed=args.seed)  # an endless stream: every step sees new samples
     curriculum = task_curriculum(stream, [knobs for _, knobs in stages], steps_per_stage=stage_steps)
     test = build_dataset(task, args.eval_samples, seed=10_000 + args.seed)
     lengths = [len(x) for x in test["input_ids"]]
@@ -166,6 +167,8 @@ def run(name, task_name, memory_tokens, memory_init, args):
             preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
             compute_metrics=lambda p: {"accuracy": answer_accuracy(p.predictions, p.label_ids)})
         trainer.train()
+    if stream.task != task.with_difficulty(**stages[-1][1]):
+        raise RuntimeError(f"the last stage trained on {stream.task}, not on the task it names")
     history = trainer.state.log_history
     with_memory = accuracy(model, test, collator)
     return {"name": name, "task": task_name,
