@@ -46,7 +46,7 @@ from armada.trainers import CurriculumTrainer  # noqa: E402
 TARGETS = {"memory_retrieval": 0.95, "pattern_reasoning": 0.90, "multi_hop": 0.99}
 
 
-STEPS = {"memory_retrieval": 8000, "pattern_reasoning": 800, "multi_hop": 4000}  # default budgets (--steps overrides)
+STEPS = {"memory_retrieval": 8000, "pattern_reasoning": 800, "multi_hop": 2000}  # default budgets (--steps overrides)
 
 
 def tasks(quick):
