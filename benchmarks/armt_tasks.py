@@ -47,6 +47,7 @@ TARGETS = {"memory_retrieval": 0.95, "pattern_reasoning": 0.90, "multi_hop": 0.9
 
 
 STEPS = {"memory_retrieval": 8000, "pattern_reasoning": 800, "multi_hop": 2000}  # default budgets (--steps overrides)
+MODEL = {"memory_retrieval": (3, 64), "pattern_reasoning": (4, 128), "multi_hop": (3, 64)}  # (layers, hidden)
 
 
 def tasks(quick):
@@ -96,14 +97,13 @@ def parse_args(argv=None):
                    help=f"training steps per run (default per task {STEPS}, quick 30)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--hidden-size", type=int, default=None, help="default 64 (quick 32)")
-    p.add_argument("--layers", type=int, default=None, help="default 3 (quick 2)")
+    p.add_argument("--hidden-size", type=int, default=None, help=f"default per task {MODEL} (quick 32)")
+    p.add_argument("--layers", type=int, default=None, help="default per task (quick 2); runs made at another size "
+                                                            "than the task's default are named ..._<layers>x<hidden>")
     p.add_argument("--eval-samples", type=int, default=None, help="default 1000 (quick 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    args.hidden_size = args.hidden_size or (32 if args.quick else 64)
-    args.layers = args.layers or (2 if args.quick else 3)
     args.eval_samples = args.eval_samples or (64 if args.quick else 1000)
     return args
 
@@ -137,10 +137,14 @@ def accuracy(model, data, collator, reset_memory=False, batch_size=250):
 
 def run(name, task_name, memory_tokens, memory_init, args):
     task, segment_size, stages = tasks(args.quick)[task_name]
+    default_layers, default_hidden = (2, 32) if args.quick else MODEL[task_name]
+    layers, hidden = args.layers or default_layers, args.hidden_size or default_hidden
+    if (layers, hidden) != (default_layers, default_hidden):
+        name = f"{name}_{layers}x{hidden}"
     steps = args.steps or (30 if args.quick else STEPS[task_name])
     set_seed(args.seed)
-    config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=args.hidden_size,
-                               num_hidden_layers=args.layers, num_attention_heads=4, segment_size=segment_size,
+    config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=hidden,
+                               num_hidden_layers=layers, num_attention_heads=4, segment_size=segment_size,
                                num_memory_tokens=memory_tokens, d_mem=32, num_memory_heads=1,
                                memory_init=memory_init, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                bos_token_id=task.vocab.BOS, eos_token_id=None, pad_token_id=task.vocab.PAD)
@@ -171,7 +175,7 @@ def run(name, task_name, memory_tokens, memory_init, args):
         raise RuntimeError(f"the last stage trained on {stream.task}, not on the task it names")
     history = trainer.state.log_history
     with_memory = accuracy(model, test, collator)
-    return {"name": name, "task": task_name,
+    return {"name": name, "task": task_name, "model": f"{layers}x{hidden}",
             "task_params": {k: v for k, v in vars(task).items() if not callable(v)},
             "stages": [{"steps": n, "knobs": knobs} for n, (_, knobs) in zip(stage_steps, stages)],
             "segment_size": segment_size, "sample_tokens": {"min": min(lengths), "max": max(lengths)},
@@ -203,13 +207,16 @@ def plot(results, path):
             ax_a.plot([r["target"]] * 2, [i - 0.4, i + 0.4], "r-")
     ax_a.set_xlim(0, 1)
     ax_a.set_xlabel("exact-match accuracy (red: target)")
-    sweep = sorted((r for r in results if r["task"] == "memory_retrieval" and r["memory_init"] == "random"),
-                   key=lambda r: r["num_memory_tokens"])
-    ax_m.plot([r["num_memory_tokens"] for r in sweep], [r["accuracy"] for r in sweep], "o-")
+    for model in sorted({r["model"] for r in results if r["task"] == SWEPT}):
+        sweep = sorted((r for r in results if r["task"] == SWEPT and r["memory_init"] == "random"
+                        and r["model"] == model), key=lambda r: r["num_memory_tokens"])
+        ax_m.plot([r["num_memory_tokens"] for r in sweep], [r["accuracy"] for r in sweep], "o-", label=model)
+    if ax_m.lines:
+        ax_m.legend(title="layers x hidden", fontsize=8)
     ax_m.set_xscale("log", base=2)
     ax_m.set_ylim(0, 1)
     ax_m.set_xlabel("memory tokens")
-    ax_m.set_ylabel("memory_retrieval accuracy")
+    ax_m.set_ylabel(f"{SWEPT} accuracy (random init)")
     ax_m.grid(alpha=0.3)
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=120)
@@ -231,6 +238,8 @@ def main(argv=None):
             old = json.load(f)
         if old.get("quick") != args.quick:
             raise SystemExit(f"{old_path} holds {'quick' if old.get('quick') else 'full'} runs; cannot mix them.")
+        for r in old["results"]:  # records written before "model" was recorded carry it in their args
+            r.setdefault("model", f"{r['args']['layers']}x{r['args']['hidden_size']}")
         previous.update({r["name"]: r for r in old["results"]})
     results = []
     for name in chosen:
@@ -240,18 +249,22 @@ def main(argv=None):
         results.append(result)
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("curve")}), flush=True)
     merged = {**previous, **{r["name"]: r for r in results}}
-    results = [merged[name] for name in available if name in merged]  # in the order of `runs`
+    order = list(available)
+    base = lambda r: f"{r['task']}_m{r['num_memory_tokens']}_{r['memory_init']}"  # noqa: E731
+    results = sorted(merged.values(), key=lambda r: (order.index(base(r)) if base(r) in order else len(order),
+                                                     r["name"]))  # in the order of `runs`
     report = {"benchmark": "armt_tasks", "quick": args.quick, "results": results,
               "environment": {"python": platform.python_version(), "torch": torch.__version__,
                               "threads": args.threads}}
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(path, json.dumps(report, indent=2))
     plot(results, os.path.join(args.out, "armt_tasks.png"))
-    lines = ["| run | segments/sample | memory tokens | init | steps | train s | accuracy | memory reset | target |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | model | segments/sample | memory tokens | init | steps | train s | accuracy | memory reset | "
+             "target |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         target = f"{r['target']:.0%}" if r["target"] else "-"
-        lines.append(f"| {r['name']} | {r['segments_per_sample']:.1f} | {r['num_memory_tokens']} | {r['memory_init']} "
+        lines.append(f"| {r['name']} | {r['model']} | {r['segments_per_sample']:.1f} | {r['num_memory_tokens']} "
+                     f"| {r['memory_init']} "
                      f"| {r['steps']} | {r['train_seconds']:.0f} | {r['accuracy']:.1%} "
                      f"| {r['accuracy_memory_reset']:.1%} | {target} |")
     atomic_write_text(os.path.join(args.out, "armt_tasks.md"), "\n".join(lines) + "\n")
