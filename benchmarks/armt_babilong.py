@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
     p.add_argument("--tasks", default="qa1")
     p.add_argument("--train-length", type=int, default=None, help="context tokens at the last stage (default 1024)")
-    p.add_argument("--eval-lengths", default=None, help="default 1024,4096,16384")
+    p.add_argument("--eval-lengths", default=None, help="default 1024,4096,16384 (the training length is added)")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default 3000, quick 6)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -63,6 +63,7 @@ def parse_args(argv=None):
     q = args.quick
     args.train_length = args.train_length or (128 if q else 1024)
     args.eval_lengths = [int(x) for x in (args.eval_lengths or ("128,256" if q else "1024,4096,16384")).split(",")]
+    args.eval_lengths = sorted(set(args.eval_lengths) | {args.train_length})  # both models are scored where trained
     args.steps = args.steps or (6 if q else 3000)
     args.hidden_size = args.hidden_size or (32 if q else 128)
     args.layers = args.layers or (1 if q else 4)
