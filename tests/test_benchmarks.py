@@ -48,3 +48,16 @@ def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
     assert all(e["accuracy"] is not None for e in armt["eval"])          # memory reads any length
     assert full["eval"][-1]["accuracy"] is None and "cannot" in full["eval"][-1]["stopped"]
     assert (tmp_path / "armt_babilong.png").stat().st_size > 0
+
+
+def test_agency_speed_quick(tmp_path):
+    run_script("agency_speed.py", "--quick", "--max-wait", "2", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "agency_speed.json").read_text())
+    assert report["checks"]["pass"]  # pruned AgencyGPT2 == pruned peer, unpruned AgencyGPT2 == GPT-2
+    rounds = report["config"]["timed_rounds"]
+    for level, entry in report["results"]["agency"].items():
+        for measure in ("forward", "generate"):
+            m = entry[measure]
+            assert len(m["samples"]) == len(m["ratio_per_round"]) == rounds
+            assert min(m["ratio_per_round"]) <= m["ratio"] <= max(m["ratio_per_round"]) and m["ratio_to_peer"] > 0
+    assert len(report["targets"]) == 2 * (3 + 4) and (tmp_path / "agency_speed.png").stat().st_size > 0
