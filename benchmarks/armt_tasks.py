@@ -15,8 +15,11 @@ Training signal and curricula (evaluation always uses the plain task: one query,
     segment, so the last terms come from memory;
   - multi_hop: four queries per sample with 1..n_hops hops (`n_queries`), none with the final answer.
 
-Runs: each task with 16 memory tokens and random init; `memory_retrieval` again with 8/32/64 memory tokens and with
-the orthogonal and embedding_kmeans inits. Targets (issue 4): retrieval >= 95%, reasoning >= 90%, multi-hop >= 99%.
+Runs: each task with 16 memory tokens and random init; the SWEPT task again with 8/32/64 memory tokens and with
+the orthogonal and embedding_kmeans inits. On request (`--runs <task>_full_attention`) a control: GPT-2 of the same
+size trained the same way on whole samples (no segments, nothing passes through memory), which separates what the
+memory costs from what the model size and budget reach at all.
+Targets (issue 4): retrieval >= 95%, reasoning >= 90%, multi-hop >= 99%.
 
     python benchmarks/armt_tasks.py                   # full run (hours on 2 CPU cores; --runs picks some)
     python benchmarks/armt_tasks.py --quick           # smoke test: tiny model, few steps
@@ -32,7 +35,7 @@ import tempfile
 import time
 
 import torch
-from transformers import TrainerCallback, TrainingArguments, set_seed
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments, set_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -72,15 +75,26 @@ def tasks(quick):
 SWEPT = "pattern_reasoning"  # the default sweeps run on the task that trains in minutes
 
 
+CONTROL = "full_attention"  # "memory init" of the control runs: a GPT-2 of the same size, no segments, no memory
+
+
+def run_name(task, memory_tokens, memory_init):
+    return f"{task}_{CONTROL}" if memory_init == CONTROL else f"{task}_m{memory_tokens}_{memory_init}"
+
+
 def runs(quick, everything=False):
     """Run name -> (task, memory tokens, memory init). Default: every task with 16 memory tokens and random init,
-    then the memory-size (8/32/64) and init sweeps on SWEPT; `everything`: the sweeps on every task."""
+    then the memory-size (8/32/64) and init sweeps on SWEPT; `everything`: the sweeps on every task, and the
+    full-attention controls `<task>_full_attention` (GPT-2 of the same size trained the same way on whole samples:
+    what the model size and budget reach when nothing has to pass through memory)."""
     out = [(task, 16 if not quick else 4, "random") for task in TARGETS]
     if not quick:
         for task in (TARGETS if everything else [SWEPT]):
             out += [(task, m, "random") for m in (8, 32, 64)]
             out += [(task, 16, init) for init in ("orthogonal", "embedding_kmeans")]
-    return {f"{task}_m{m}_{init}": (task, m, init) for task, m, init in out}
+    if everything:
+        out += [(task, 0, CONTROL) for task in TARGETS]
+    return {run_name(*r): r for r in out}
 
 
 def parse_args(argv=None):
@@ -121,7 +135,7 @@ def accuracy(model, data, collator, reset_memory=False, batch_size=250):
     """Exact-match accuracy; with `reset_memory` the input is streamed one segment at a time and the memory state
     is reset after each, so nothing crosses a segment boundary (same weights, memory ablated)."""
     model.eval()
-    segment, correct = model.config.segment_size, 0.0
+    segment, correct = getattr(model.config, "segment_size", None), 0.0
     for i in range(0, len(data), batch_size):
         batch = collator([data[j] for j in range(i, min(i + batch_size, len(data)))])
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -143,12 +157,20 @@ def run(name, task_name, memory_tokens, memory_init, args):
         name = f"{name}_{layers}x{hidden}"
     steps = args.steps or (30 if args.quick else STEPS[task_name])
     set_seed(args.seed)
-    config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=hidden,
-                               num_hidden_layers=layers, num_attention_heads=4, segment_size=segment_size,
-                               num_memory_tokens=memory_tokens, d_mem=32, num_memory_heads=1,
-                               memory_init=memory_init, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                               bos_token_id=task.vocab.BOS, eos_token_id=None, pad_token_id=task.vocab.PAD)
-    model = UnifiedARMTForCausalLM(config)
+    if memory_init == CONTROL:  # GPT-2 of the same size, with a position table long enough for every stage's samples
+        longest = max(len(x["input_ids"]) for t in [task] + [task.with_difficulty(**k) for _, k in stages]
+                      for x in t.generate(32, seed=args.seed))
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=task.vocab.vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=2 * longest,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=task.vocab.BOS, eos_token_id=None,
+            pad_token_id=task.vocab.PAD))
+    else:
+        config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=hidden,
+                                   num_hidden_layers=layers, num_attention_heads=4, segment_size=segment_size,
+                                   num_memory_tokens=memory_tokens, d_mem=32, num_memory_heads=1,
+                                   memory_init=memory_init, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                   bos_token_id=task.vocab.BOS, eos_token_id=None, pad_token_id=task.vocab.PAD)
+        model = UnifiedARMTForCausalLM(config)
     stage_steps = [max(1, round(fraction * steps)) for fraction, _ in stages]
     stage_steps[-1] = max(1, steps - sum(stage_steps[:-1]))
     # stage knobs apply to the evaluation task; the first stage's task is swapped in when training begins
@@ -183,7 +205,9 @@ def run(name, task_name, memory_tokens, memory_init, args):
             "memory_init": memory_init, "steps": steps, "train_seconds": round(clock.seconds, 1),
             "train_loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
             "eval_accuracy_curve": [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h],
-            "accuracy": with_memory, "accuracy_memory_reset": accuracy(model, test, collator, reset_memory=True),
+            "accuracy": with_memory,
+            "accuracy_memory_reset": None if memory_init == CONTROL else accuracy(model, test, collator,
+                                                                                   reset_memory=True),
             "target": TARGETS[task_name] if not args.quick else None, "parameters": model.num_parameters()}
 
 
@@ -198,7 +222,7 @@ def plot(results, path):
     y = range(len(names))
     ax_a.barh([i + 0.2 for i in y], [r["accuracy"] for r in results], height=0.4, color="tab:blue",
               label="memory kept")
-    ax_a.barh([i - 0.2 for i in y], [r["accuracy_memory_reset"] for r in results], height=0.4, color="tab:gray",
+    ax_a.barh([i - 0.2 for i in y], [r["accuracy_memory_reset"] or 0.0 for r in results], height=0.4, color="tab:gray",
               label="memory reset at every segment")
     ax_a.set_yticks(list(y), names)
     ax_a.legend(loc="lower right", fontsize=8)
@@ -250,7 +274,7 @@ def main(argv=None):
         print(json.dumps({k: v for k, v in result.items() if not k.endswith("curve")}), flush=True)
     merged = {**previous, **{r["name"]: r for r in results}}
     order = list(available)
-    base = lambda r: f"{r['task']}_m{r['num_memory_tokens']}_{r['memory_init']}"  # noqa: E731
+    base = lambda r: run_name(r["task"], r["num_memory_tokens"], r["memory_init"])  # noqa: E731
     results = sorted(merged.values(), key=lambda r: (order.index(base(r)) if base(r) in order else len(order),
                                                      r["name"]))  # in the order of `runs`
     report = {"benchmark": "armt_tasks", "quick": args.quick, "results": results,
@@ -263,10 +287,11 @@ def main(argv=None):
              "target |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         target = f"{r['target']:.0%}" if r["target"] else "-"
+        reset = "-" if r["accuracy_memory_reset"] is None else f"{r['accuracy_memory_reset']:.1%}"
         lines.append(f"| {r['name']} | {r['model']} | {r['segments_per_sample']:.1f} | {r['num_memory_tokens']} "
                      f"| {r['memory_init']} "
                      f"| {r['steps']} | {r['train_seconds']:.0f} | {r['accuracy']:.1%} "
-                     f"| {r['accuracy_memory_reset']:.1%} | {target} |")
+                     f"| {reset} | {target} |")
     atomic_write_text(os.path.join(args.out, "armt_tasks.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -27,6 +27,13 @@ def test_armt_tasks_quick(tmp_path):
     report = json.loads((tmp_path / "armt_tasks.json").read_text())
     assert [r["name"] for r in report["results"]] == ["pattern_reasoning_m4_random", "multi_hop_m4_random"]
     assert "pattern_reasoning_m4_random" in (tmp_path / "armt_tasks.md").read_text()
+    # the full-attention control: a GPT-2 of the same size on whole samples, no memory to reset
+    run_script("armt_tasks.py", "--quick", "--runs", "multi_hop_full_attention", "--steps", "3", "--merge",
+               "--out", str(tmp_path))
+    report = json.loads((tmp_path / "armt_tasks.json").read_text())
+    control = report["results"][-1]
+    assert control["name"] == "multi_hop_full_attention" and control["accuracy_memory_reset"] is None
+    assert control["num_memory_tokens"] == 0 and 0.0 <= control["accuracy"] <= 1.0 and len(report["results"]) == 3
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 
