@@ -84,15 +84,16 @@ def run_name(task, memory_tokens, memory_init):
 
 def runs(quick, everything=False):
     """Run name -> (task, memory tokens, memory init). Default: every task with 16 memory tokens and random init,
-    then the memory-size (8/32/64) and init sweeps on SWEPT; `everything`: the sweeps on every task, and the
-    full-attention controls `<task>_full_attention` (GPT-2 of the same size trained the same way on whole samples:
-    what the model size and budget reach when nothing has to pass through memory)."""
+    then the memory-size (8/32/64) and init sweeps on SWEPT; `everything`: the sweeps on every task, 4 memory tokens
+    on every task, and the full-attention controls `<task>_full_attention` (GPT-2 of the same size trained the same
+    way on whole samples: what the model size and budget reach when nothing has to pass through memory)."""
     out = [(task, 16 if not quick else 4, "random") for task in TARGETS]
     if not quick:
         for task in (TARGETS if everything else [SWEPT]):
             out += [(task, m, "random") for m in (8, 32, 64)]
             out += [(task, 16, init) for init in ("orthogonal", "embedding_kmeans")]
     if everything:
+        out += [(task, 4, "random") for task in TARGETS]  # fewest memory tokens: learned fastest in probes
         out += [(task, 0, CONTROL) for task in TARGETS]
     return {run_name(*r): r for r in out}
 
