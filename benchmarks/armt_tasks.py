@@ -18,7 +18,8 @@ Training signal and curricula (evaluation always uses the plain task: one query,
 Runs: each task with 16 memory tokens and random init; the SWEPT task again with 8/32/64 memory tokens and with
 the orthogonal and embedding_kmeans inits. On request (`--runs <task>_full_attention`) a control: GPT-2 of the same
 size trained the same way on whole samples (no segments, nothing passes through memory), which separates what the
-memory costs from what the model size and budget reach at all.
+memory costs from what the model size and budget reach at all; with `--position rotary` the control is UnifiedARMT
+itself with rotary positions and one segment longer than every sample (full attention, memory never written).
 Targets (issue 4): retrieval >= 95%, reasoning >= 90%, multi-hop >= 99%.
 
     python benchmarks/armt_tasks.py                   # full run (hours on 2 CPU cores; --runs picks some)
@@ -75,6 +76,9 @@ def tasks(quick):
 SWEPT = "pattern_reasoning"  # the default sweeps run on the task that trains in minutes
 
 
+POSITION = "absolute"  # default position_embedding_type of the runs (--position)
+
+
 CONTROL = "full_attention"  # "memory init" of the control runs: a GPT-2 of the same size, no segments, no memory
 
 
@@ -115,11 +119,25 @@ def parse_args(argv=None):
     p.add_argument("--hidden-size", type=int, default=None, help=f"default per task {MODEL} (quick 32)")
     p.add_argument("--layers", type=int, default=None, help="default per task (quick 2); runs made at another size "
                                                             "than the task's default are named ..._<layers>x<hidden>")
+    p.add_argument("--position", choices=["absolute", "rotary"], default=POSITION,
+                   help=f"UnifiedARMT position_embedding_type (default {POSITION}); runs made with the other one are "
+                        "named ..._<position>")
+    p.add_argument("--stage-fractions", default=None, metavar="F1,F2,...",
+                   help="share of the steps spent in each curriculum stage, one number per stage of the task, "
+                        "summing to 1 (default: the task's own, see `tasks`); runs made with other shares are "
+                        "named ..._stages<percent>-<percent>-...")
     p.add_argument("--eval-samples", type=int, default=None, help="default 1000 (quick 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.eval_samples = args.eval_samples or (64 if args.quick else 1000)
+    if args.stage_fractions is not None:
+        try:
+            args.stage_fractions = [float(f) for f in args.stage_fractions.split(",")]
+        except ValueError:
+            p.error(f"--stage-fractions takes comma-separated numbers, got {args.stage_fractions!r}")
+        if any(f <= 0 for f in args.stage_fractions) or abs(sum(args.stage_fractions) - 1) > 1e-6:
+            p.error(f"--stage-fractions must be positive and sum to 1, got {args.stage_fractions}")
     return args
 
 
@@ -156,11 +174,23 @@ def run(name, task_name, memory_tokens, memory_init, args):
     layers, hidden = args.layers or default_layers, args.hidden_size or default_hidden
     if (layers, hidden) != (default_layers, default_hidden):
         name = f"{name}_{layers}x{hidden}"
+    if args.position != POSITION:
+        name = f"{name}_{args.position}"
+    if args.stage_fractions is not None:
+        if len(args.stage_fractions) != len(stages):
+            raise SystemExit(f"--stage-fractions gives {len(args.stage_fractions)} shares but {task_name} has "
+                             f"{len(stages)} stages: {[knobs for _, knobs in stages]}")
+        stages = [(f, knobs) for f, (_, knobs) in zip(args.stage_fractions, stages)]
+        name = f"{name}_stages" + "-".join(f"{round(100 * f)}" for f in args.stage_fractions)
     steps = args.steps or (30 if args.quick else STEPS[task_name])
     set_seed(args.seed)
-    if memory_init == CONTROL:  # GPT-2 of the same size, with a position table long enough for every stage's samples
-        longest = max(len(x["input_ids"]) for t in [task] + [task.with_difficulty(**k) for _, k in stages]
-                      for x in t.generate(32, seed=args.seed))
+    longest = max(len(x["input_ids"]) for t in [task] + [task.with_difficulty(**k) for _, k in stages]
+                  for x in t.generate(32, seed=args.seed))
+    if memory_init == CONTROL:
+        # one segment longer than every sample: full attention with the same blocks and positions, nothing is
+        # ever committed to memory (and reading an empty memory returns zero)
+        segment_size = 2 * longest
+    if memory_init == CONTROL and args.position == "absolute":  # GPT-2 of the same size (the original control)
         model = GPT2LMHeadModel(GPT2Config(
             vocab_size=task.vocab.vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=2 * longest,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=task.vocab.BOS, eos_token_id=None,
@@ -168,8 +198,10 @@ def run(name, task_name, memory_tokens, memory_init, args):
     else:
         config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=hidden,
                                    num_hidden_layers=layers, num_attention_heads=4, segment_size=segment_size,
-                                   num_memory_tokens=memory_tokens, d_mem=32, num_memory_heads=1,
-                                   memory_init=memory_init, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                   position_embedding_type=args.position,
+                                   num_memory_tokens=max(1, memory_tokens), d_mem=32, num_memory_heads=1,
+                                   memory_init="random" if memory_init == CONTROL else memory_init,
+                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                                    bos_token_id=task.vocab.BOS, eos_token_id=None, pad_token_id=task.vocab.PAD)
         model = UnifiedARMTForCausalLM(config)
     stage_steps = [max(1, round(fraction * steps)) for fraction, _ in stages]
@@ -203,7 +235,8 @@ def run(name, task_name, memory_tokens, memory_init, args):
             "stages": [{"steps": n, "knobs": knobs} for n, (_, knobs) in zip(stage_steps, stages)],
             "segment_size": segment_size, "sample_tokens": {"min": min(lengths), "max": max(lengths)},
             "segments_per_sample": max(lengths) / segment_size, "num_memory_tokens": memory_tokens,
-            "memory_init": memory_init, "steps": steps, "train_seconds": round(clock.seconds, 1),
+            "memory_init": memory_init, "position_embedding_type": args.position, "steps": steps,
+            "train_seconds": round(clock.seconds, 1),
             "train_loss_curve": [(h["step"], h["loss"]) for h in history if "loss" in h],
             "eval_accuracy_curve": [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h],
             "accuracy": with_memory,

@@ -4,6 +4,7 @@ from transformers import PretrainedConfig
 
 
 MEMORY_INITS = ("random", "orthogonal", "embedding_kmeans")
+POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
 DPFP_NU = 3  # DPFP feature map order: phi(x) has 2 * nu * d features for an input of d features
 
 
@@ -27,6 +28,14 @@ class UnifiedARMTConfig(PretrainedConfig):
         hidden_act (`str`, *optional*, defaults to `"gelu_new"`): MLP activation (a key of `ACT2FN`).
         segment_size (`int`, *optional*, defaults to 512): Real tokens per segment (also the size of the position
             table). Must be positive.
+        position_embedding_type (`str`, *optional*, defaults to `"absolute"`): `"absolute"`: a learned table of
+            `segment_size` positions added to the token embeddings (GPT-2); `"rotary"`: rotary embeddings (RoPE,
+            Su et al. 2021) applied to attention queries and keys, no table. Either way positions restart in every
+            segment; the memory tokens sit at positions `segment_size ..` after it. Rotary positions make
+            "attend to the previous token", the first half of an induction head, a fixed rotation rather than
+            something to learn per position: key->value retrieval trains much faster with them (see
+            benchmarks/armt_tasks.py).
+        rope_theta (`float`, *optional*, defaults to 10000.0): Base of the rotary frequencies.
         num_memory_tokens (`int`, *optional*, defaults to 16): Memory tokens appended to every segment.
         d_mem (`int`, *optional*, defaults to 64): Width of the associative memory's query/key projection before the
             DPFP feature map (which multiplies it by `2 * 3`). Must be divisible by `num_memory_heads`.
@@ -61,6 +70,8 @@ class UnifiedARMTConfig(PretrainedConfig):
         intermediate_size=None,
         hidden_act="gelu_new",
         segment_size=512,
+        position_embedding_type="absolute",
+        rope_theta=10000.0,
         num_memory_tokens=16,
         d_mem=64,
         num_memory_heads=1,
@@ -101,6 +112,15 @@ class UnifiedARMTConfig(PretrainedConfig):
         if hidden_size % num_memory_heads or d_mem % num_memory_heads:
             raise ValueError(f"`hidden_size` ({hidden_size}) and `d_mem` ({d_mem}) must both be divisible by "
                              f"`num_memory_heads` ({num_memory_heads})")
+        if position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, got "
+                             f"{position_embedding_type!r}")
+        if position_embedding_type == "rotary" and (hidden_size // num_attention_heads) % 2:
+            raise ValueError(f"rotary positions rotate pairs of features, so the head size hidden_size / "
+                             f"num_attention_heads must be even, got {hidden_size} / {num_attention_heads} = "
+                             f"{hidden_size // num_attention_heads}")
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)) or rope_theta <= 1:
+            raise ValueError(f"`rope_theta` must be a number > 1, got {rope_theta!r}")
         if memory_init not in MEMORY_INITS:
             raise ValueError(f"`memory_init` must be one of {MEMORY_INITS}, got {memory_init!r}")
         for name, p in (("resid_pdrop", resid_pdrop), ("embd_pdrop", embd_pdrop), ("attn_pdrop", attn_pdrop)):
@@ -114,6 +134,8 @@ class UnifiedARMTConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
         self.segment_size = segment_size
+        self.position_embedding_type = position_embedding_type
+        self.rope_theta = float(rope_theta)
         self.num_memory_tokens = num_memory_tokens
         self.d_mem = d_mem
         self.num_memory_heads = num_memory_heads

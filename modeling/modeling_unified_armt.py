@@ -10,6 +10,9 @@ Recurrent Memory Transformer (Bulatov et al. 2022). An input of any length is cu
     with k_i = W_K m_i, v_i = W_V m_i (W_V zero-initialized), v_bar_i = what memory returns for k_i today,
     beta_i = sigmoid(W_beta m_i), gamma_i = ARMT's correction and phi = DPFP (nu = 3), per memory head.
 
+Positions restart in every segment: a learned table (`position_embedding_type="absolute"`, GPT-2) or rotary
+embeddings of the queries and keys (`"rotary"`, RoPE), with the memory tokens at positions segment_size.. after it.
+
 Attention is causal inside a segment and the memory tokens come last, so a real token never attends to memory
 tokens: everything it learns from earlier segments arrives through (A, z). Only (A, z) cross segment boundaries,
 hence linear time in the input length and flat memory.
@@ -152,6 +155,21 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
+def rotary_cos_sin(positions, head_dim, theta, dtype):
+    """RoPE angles for integer `positions` (B, T): cos and sin of shape (B, 1, T, head_dim), frequencies
+    theta^(-2i/head_dim) as in Su et al. 2021 (halves layout, as in Llama). Computed on the fly: no buffer to load."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float().unsqueeze(-1) * inv_freq  # (B, T, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate feature pairs (i, i + head_dim/2) of x (B, nh, T, hs) by the position angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class UnifiedARMTAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -202,12 +220,15 @@ class UnifiedARMTBlock(GradientCheckpointingLayer):
         self.mlp = UnifiedARMTMLP(config)
 
     def forward(self, hidden_states, A, z, cache_keys, cache_values, write_index, write_mask, attention_mask,
-                output_attentions=False):
+                rotary=None, output_attentions=False):
         """hidden_states (B, T, D). Real tokens (`write_index` given) are written into the open segment's cache
         (B, nh, S, hs) and attend to it; memory tokens (`write_index` None) attend to the cache and to each other.
+        `rotary`: (cos, sin) of the positions of hidden_states with rotary positions (keys are cached rotated).
         Returns (hidden, keys, values, attention weights)."""
         hidden_states = hidden_states + self.associative_memory.read(hidden_states, A, z)
         q, k, v = self.attn.qkv(self.ln_1(hidden_states))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if write_index is not None:  # append to the open segment's cache: keys = that cache
             k = _cache_write(cache_keys, k, write_index, write_mask)
             v = _cache_write(cache_values, v, write_index, write_mask)
@@ -299,7 +320,8 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
     def __init__(self, config: UnifiedARMTConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.segment_size, config.hidden_size)  # positions restart in every segment
+        if config.position_embedding_type == "absolute":
+            self.wpe = nn.Embedding(config.segment_size, config.hidden_size)  # positions restart in every segment
         self.memory_tokens = nn.Parameter(torch.zeros(config.num_memory_tokens, config.hidden_size))
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList([UnifiedARMTBlock(config) for _ in range(config.num_hidden_layers)])
@@ -371,18 +393,25 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
         inverse = torch.argsort(order, dim=1)
         return x.gather(1, inverse.view(*inverse.shape, *([1] * (x.dim() - 2))).expand(*inverse.shape, *x.shape[2:]))
 
+    def _rotary(self, positions, dtype):
+        """(cos, sin) for `positions` (B, T) with rotary positions, else None."""
+        if self.config.position_embedding_type != "rotary":
+            return None
+        return rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta, dtype)
+
     def _commit(self, state, rows, output_attentions):
         """Memory tokens read the closed segments' caches and write to every layer's memory, for `rows` only."""
         cfg, batch = self.config, state.batch_size
         hidden = self.drop(self.memory_tokens).unsqueeze(0).expand(batch, -1, -1)
         m, s = cfg.num_memory_tokens, cfg.segment_size
+        rotary = self._rotary(torch.arange(s, s + m, device=hidden.device).unsqueeze(0), hidden.dtype)
         causal = torch.ones(m, s + m, dtype=torch.bool, device=hidden.device).tril(diagonal=s)
         mask = _additive(causal.expand(batch, 1, m, s + m), hidden.dtype)
         memory, weights = [], []
         for layer, block in enumerate(self.h):
             A, z = state.memory[layer]
             hidden, _, _, w = block(hidden, A, z, state.keys[layer], state.values[layer], None, None, mask,
-                                    output_attentions=output_attentions)
+                                    rotary=rotary, output_attentions=output_attentions)
             new_A, new_z = block.associative_memory.write(hidden, A, z)
             keep = rows.view(-1, 1, 1, 1)
             memory.append((torch.where(keep, new_A, A), torch.where(keep.view(-1, 1, 1), new_z, z)))
@@ -456,7 +485,8 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
             fill = state.fill
             positions = (fill.unsqueeze(1) + torch.arange(piece, device=device)).clamp_max(s - 1)
             embeds = self.wte(tokens[:, start:end]) if inputs_embeds is None else tokens[:, start:end]
-            hidden = self.drop(embeds + self.wpe(positions))
+            rotary = self._rotary(positions, embeds.dtype)
+            hidden = self.drop(embeds if rotary is not None else embeds + self.wpe(positions))
             source = (slots - fill.unsqueeze(1)).clamp(0, piece - 1)  # which new token lands in slot p
             write = (slots >= fill.unsqueeze(1)) & (slots < (fill + real).unsqueeze(1))
             visible = slots.view(1, 1, s) <= positions.unsqueeze(-1)  # (B, piece, S): causal inside the segment
@@ -465,7 +495,7 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
             for layer, block in enumerate(self.h):
                 A, z = state.memory[layer]
                 hidden, k, v, w = block(hidden, A, z, state.keys[layer], state.values[layer], source, write, mask,
-                                        output_attentions=output_attentions)
+                                        rotary=rotary, output_attentions=output_attentions)
                 keys.append(k)
                 values.append(v)
                 piece_hidden.append(hidden)

@@ -34,6 +34,14 @@ def test_armt_tasks_quick(tmp_path):
     control = report["results"][-1]
     assert control["name"] == "multi_hop_full_attention" and control["accuracy_memory_reset"] is None
     assert control["num_memory_tokens"] == 0 and 0.0 <= control["accuracy"] <= 1.0 and len(report["results"]) == 3
+    # --position rotary: the run is named for it, and its control is UnifiedARMT with one segment (full attention)
+    run_script("armt_tasks.py", "--quick", "--runs", "multi_hop_m4_random,multi_hop_full_attention",
+               "--position", "rotary", "--steps", "3", "--merge", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "armt_tasks.json").read_text())
+    rotary = {r["name"]: r for r in report["results"] if r["position_embedding_type"] == "rotary"}
+    assert set(rotary) == {"multi_hop_m4_random_rotary", "multi_hop_full_attention_rotary"}
+    assert rotary["multi_hop_m4_random_rotary"]["segments_per_sample"] > 1
+    assert rotary["multi_hop_full_attention_rotary"]["segments_per_sample"] < 1
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 

@@ -23,10 +23,12 @@ class UnifiedARMTModelTester:
     """Tiny config: segments of 8 tokens + 4 memory tokens; inputs of 21 tokens span three segments."""
 
     def __init__(self, batch_size=2, seq_length=21, vocab_size=99, hidden_size=32, num_hidden_layers=2,
-                 num_attention_heads=4, segment_size=8, num_memory_tokens=4, d_mem=16, num_memory_heads=2):
+                 num_attention_heads=4, segment_size=8, num_memory_tokens=4, d_mem=16, num_memory_heads=2,
+                 position_embedding_type="absolute"):
         self.batch_size, self.seq_length = batch_size, seq_length
         self.kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
                            num_attention_heads=num_attention_heads, segment_size=segment_size,
+                           position_embedding_type=position_embedding_type,
                            num_memory_tokens=num_memory_tokens, d_mem=d_mem, num_memory_heads=num_memory_heads,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, intermediate_size=64)
 
@@ -50,9 +52,10 @@ class UnifiedARMTModelTester:
                              generator=generator)
 
 
-@pytest.fixture(scope="module")
-def tester():
-    return UnifiedARMTModelTester()
+@pytest.fixture(scope="module", params=["absolute", "rotary"])
+def tester(request):
+    """Every common check runs with both position types (learned table, rotary)."""
+    return UnifiedARMTModelTester(position_embedding_type=request.param)
 
 
 # ---------------------------------------------------------------- configuration
@@ -62,6 +65,9 @@ def tester():
     (dict(d_mem=10, num_memory_heads=4), "divisible by `num_memory_heads`"),
     (dict(hidden_size=30, num_attention_heads=4), "divisible by `num_attention_heads`"),
     (dict(memory_init="zeros"), "random"),
+    (dict(position_embedding_type="alibi"), "rotary"),
+    (dict(position_embedding_type="rotary", hidden_size=36, num_attention_heads=4), "must be even"),
+    (dict(rope_theta=0.5), "rope_theta"),
     (dict(max_backprop_segments=0), "max_backprop_segments"),
     (dict(attn_pdrop=1.0), "attn_pdrop"),
 ])
@@ -191,6 +197,19 @@ def test_inputs_far_longer_than_the_position_table(tester):
         out = model(ids, labels=ids)
     assert out.logits.shape[1] == ids.shape[1] and torch.isfinite(out.loss)
     assert out.memory_state.segments.tolist() == [25, 25]
+
+
+def test_rotary_positions_are_relative_and_replace_the_table(tester):
+    from armada.modeling.modeling_unified_armt import apply_rotary, rotary_cos_sin
+
+    q, k = torch.randn(2, 1, 1, 8, dtype=torch.float64).unbind(0)
+    def score(i, j):  # q at position i against k at position j
+        cos, sin = rotary_cos_sin(torch.tensor([[i, j]]), 8, 10000.0, torch.float64)
+        return (apply_rotary(q, cos[:, :, :1], sin[:, :, :1]) * apply_rotary(k, cos[:, :, 1:], sin[:, :, 1:])).sum()
+    assert torch.allclose(score(5, 2), score(13, 10)) and not torch.allclose(score(5, 2), score(5, 3))
+    assert torch.allclose(score(0, 0), (q * k).sum())  # position 0 is the identity
+    model = tester.model()
+    assert hasattr(model.transformer, "wpe") == (tester.kwargs["position_embedding_type"] == "absolute")
 
 
 def test_gradient_truncation(tester):
