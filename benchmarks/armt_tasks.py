@@ -128,7 +128,7 @@ def parse_args(argv=None):
                         "named ..._stages<percent>-<percent>-...")
     p.add_argument("--eval-samples", type=int, default=None, help="default 1000 (quick 64)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="runs made with another seed are named ..._seed<n>")
     args = p.parse_args(argv)
     args.eval_samples = args.eval_samples or (64 if args.quick else 1000)
     if args.stage_fractions is not None:
@@ -182,6 +182,8 @@ def run(name, task_name, memory_tokens, memory_init, args):
                              f"{len(stages)} stages: {[knobs for _, knobs in stages]}")
         stages = [(f, knobs) for f, (_, knobs) in zip(args.stage_fractions, stages)]
         name = f"{name}_stages" + "-".join(f"{round(100 * f)}" for f in args.stage_fractions)
+    if args.seed != 0:
+        name = f"{name}_seed{args.seed}"
     steps = args.steps or (30 if args.quick else STEPS[task_name])
     set_seed(args.seed)
     longest = max(len(x["input_ids"]) for t in [task] + [task.with_difficulty(**k) for _, k in stages]

@@ -42,6 +42,12 @@ def test_armt_tasks_quick(tmp_path):
     assert set(rotary) == {"multi_hop_m4_random_rotary", "multi_hop_full_attention_rotary"}
     assert rotary["multi_hop_m4_random_rotary"]["segments_per_sample"] > 1
     assert rotary["multi_hop_full_attention_rotary"]["segments_per_sample"] < 1
+    # --stage-fractions and --seed: other shares of the curriculum, named for them
+    run_script("armt_tasks.py", "--quick", "--runs", "memory_retrieval_m4_random", "--stage-fractions", "0.25,0.75",
+               "--seed", "3", "--steps", "4", "--out", str(tmp_path / "stages"))
+    (staged,) = json.loads((tmp_path / "stages" / "armt_tasks.json").read_text())["results"]
+    assert staged["name"] == "memory_retrieval_m4_random_stages25-75_seed3"
+    assert [s["steps"] for s in staged["stages"]] == [1, 3]
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 
