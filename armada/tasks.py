@@ -776,7 +776,8 @@ def task_curriculum(stream: TaskStream, difficulties: list, steps_per_stage=None
     """A `trainers.Curriculum` whose stages make `stream.task` harder: stage i sets
     `stream.task = base.with_difficulty(**difficulties[i])` and, if `eval_samples`, gives the trainer an eval set of
     that difficulty. A stage ends after `steps_per_stage` steps (one int for all stages, or a list with one per
-    stage) or when `metric` (e.g. "eval_accuracy", see `answer_accuracy`) reaches `thresholds[i]`.
+    stage; None: no step budget) or when `metric` (e.g. "eval_accuracy", see `answer_accuracy`) reaches
+    `thresholds[i]` (None: the stage has no threshold, e.g. the last one, which runs until training stops).
 
         >>> stream = TaskStream(MultiHop(n_hops=1, chain_length=4))
         >>> curriculum = task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}, {"n_hops": 4}],
@@ -806,7 +807,8 @@ def task_curriculum(stream: TaskStream, difficulties: list, steps_per_stage=None
                                                                                                  "labels"])
         name = ", ".join(f"{k}={v}" for k, v in changes.items()) or "base"
         stages.append(CurriculumStage(name=name, apply=apply, max_steps=stage_steps[i],
-                                      metric=metric if thresholds is not None else None,
+                                      metric=metric if thresholds is not None and thresholds[i] is not None
+                                      else None,
                                       threshold=thresholds[i] if thresholds is not None else None,
                                       greater_is_better=greater_is_better, params=dict(changes)))
     return Curriculum(stages)

@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="default 4 (quick 1)")
     p.add_argument("--segment-size", type=int, default=None, help="default 128 (quick 32)")
     p.add_argument("--memory-tokens", type=int, default=16)
+    p.add_argument("--position", choices=["absolute", "rotary"], default="absolute",
+                   help="UnifiedARMT position_embedding_type (the full-attention GPT-2 keeps its position table)")
     p.add_argument("--eval-samples", type=int, default=None, help="per length (default 100, quick 4)")
     p.add_argument("--models", default="armt,full")
     p.add_argument("--vocab-size", type=int, default=0,
@@ -96,6 +98,7 @@ def build_model(kind, args, vocab_size):
         return UnifiedARMTForCausalLM(UnifiedARMTConfig(
             hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=4,
             segment_size=args.segment_size, num_memory_tokens=args.memory_tokens, d_mem=64,
+            position_embedding_type=args.position,
             max_backprop_segments=None, **common))
     return GPT2LMHeadModel(GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=4,
                                       n_positions=args.train_length + QUESTION_ROOM, **common))

@@ -25,6 +25,9 @@ Targets (issue 4): retrieval >= 95%, reasoning >= 90%, multi-hop >= 99%.
     python benchmarks/armt_tasks.py                   # full run (hours on 2 CPU cores; --runs picks some)
     python benchmarks/armt_tasks.py --quick           # smoke test: tiny model, few steps
     python benchmarks/armt_tasks.py --runs memory_retrieval_m16_random,multi_hop_m16_random
+    # mastery curriculum: leave a stage as soon as its own accuracy reaches 90% (its share of the steps is a cap)
+    python benchmarks/armt_tasks.py --runs memory_retrieval_m4_random --position rotary --batch-size 128 --lr 1e-3 \
+        --lr-scheduler constant_with_warmup --steps 6000 --stage-fractions 0.6,0.15,0.25 --advance-at 0.9,0.9
 """
 
 import argparse
@@ -79,6 +82,11 @@ SWEPT = "pattern_reasoning"  # the default sweeps run on the task that trains in
 POSITION = "absolute"  # default position_embedding_type of the runs (--position)
 
 
+LR_SCHEDULER = "cosine"  # default learning-rate schedule (--lr-scheduler)
+SCHEDULER_TAGS = {"cosine": "cosine", "constant_with_warmup": "constlr", "warmup_stable_decay": "wsd"}
+WSD_DECAY = 0.1  # share of the steps over which warmup_stable_decay decays the learning rate
+
+
 CONTROL = "full_attention"  # "memory init" of the control runs: a GPT-2 of the same size, no segments, no memory
 
 
@@ -126,6 +134,18 @@ def parse_args(argv=None):
                    help="share of the steps spent in each curriculum stage, one number per stage of the task, "
                         "summing to 1 (default: the task's own, see `tasks`); runs made with other shares are "
                         "named ..._stages<percent>-<percent>-...")
+    p.add_argument("--lr-scheduler", choices=list(SCHEDULER_TAGS), default=LR_SCHEDULER,
+                   help=f"default {LR_SCHEDULER}; warmup_stable_decay: constant, then a cosine decay over the last "
+                        f"{WSD_DECAY:.0%} of the steps; runs made with another schedule are named "
+                        "..._constlr / ..._wsd")
+    p.add_argument("--advance-at", default=None, metavar="T1,T2,...",
+                   help="mastery curriculum: a stage (all but the last) also ends as soon as the accuracy on "
+                        "--stage-eval-samples samples of its own difficulty reaches its threshold (checked every "
+                        "--eval-every steps); the stage shares become step caps and the last stage gets every step "
+                        "left. Runs are named ..._advance<percent>-<percent>-...")
+    p.add_argument("--stage-eval-samples", type=int, default=250)
+    p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: a sixth of "
+                                                                "the steps; 250 with --advance-at)")
     p.add_argument("--eval-samples", type=int, default=None, help="default 1000 (quick 64)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="runs made with another seed are named ..._seed<n>")
@@ -138,6 +158,16 @@ def parse_args(argv=None):
             p.error(f"--stage-fractions takes comma-separated numbers, got {args.stage_fractions!r}")
         if any(f <= 0 for f in args.stage_fractions) or abs(sum(args.stage_fractions) - 1) > 1e-6:
             p.error(f"--stage-fractions must be positive and sum to 1, got {args.stage_fractions}")
+    if args.advance_at is not None:
+        try:
+            args.advance_at = [float(t) for t in args.advance_at.split(",")]
+        except ValueError:
+            p.error(f"--advance-at takes comma-separated accuracies, got {args.advance_at!r}")
+        if any(not 0 <= t <= 1 for t in args.advance_at):
+            p.error(f"--advance-at thresholds are accuracies in [0, 1] (0: advance at the first evaluation), got "
+                    f"{args.advance_at}")
+    if args.eval_every is not None and args.eval_every < 1:
+        p.error(f"--eval-every must be a positive number of steps, got {args.eval_every}")
     return args
 
 
@@ -182,6 +212,13 @@ def run(name, task_name, memory_tokens, memory_init, args):
                              f"{len(stages)} stages: {[knobs for _, knobs in stages]}")
         stages = [(f, knobs) for f, (_, knobs) in zip(args.stage_fractions, stages)]
         name = f"{name}_stages" + "-".join(f"{round(100 * f)}" for f in args.stage_fractions)
+    if args.advance_at is not None:
+        if len(args.advance_at) != len(stages) - 1:
+            raise SystemExit(f"--advance-at gives {len(args.advance_at)} thresholds but {task_name} has "
+                             f"{len(stages)} stages: give one for each stage but the last")
+        name = f"{name}_advance" + "-".join(f"{round(100 * t)}" for t in args.advance_at)
+    if args.lr_scheduler != LR_SCHEDULER:
+        name = f"{name}_{SCHEDULER_TAGS[args.lr_scheduler]}"
     if args.seed != 0:
         name = f"{name}_seed{args.seed}"
     steps = args.steps or (30 if args.quick else STEPS[task_name])
@@ -210,7 +247,13 @@ def run(name, task_name, memory_tokens, memory_init, args):
     stage_steps[-1] = max(1, steps - sum(stage_steps[:-1]))
     # stage knobs apply to the evaluation task; the first stage's task is swapped in when training begins
     stream = TaskStream(task, seed=args.seed)  # an endless stream: every step sees new samples
-    curriculum = task_curriculum(stream, [knobs for _, knobs in stages], steps_per_stage=stage_steps)
+    if args.advance_at is None:
+        curriculum = task_curriculum(stream, [knobs for _, knobs in stages], steps_per_stage=stage_steps)
+    else:  # stage shares are caps; evaluation during training scores each stage on its own difficulty
+        curriculum = task_curriculum(stream, [knobs for _, knobs in stages], steps_per_stage=stage_steps[:-1] + [None],
+                                     metric="eval_accuracy", thresholds=args.advance_at + [None],
+                                     eval_samples=args.stage_eval_samples)
+    eval_every = args.eval_every or (250 if args.advance_at is not None else max(1, steps // 6))
     test = build_dataset(task, args.eval_samples, seed=10_000 + args.seed)
     lengths = [len(x) for x in test["input_ids"]]
     collator = TaskCollator(task.vocab.tokenizer())
@@ -218,8 +261,11 @@ def run(name, task_name, memory_tokens, memory_init, args):
         training_args = TrainingArguments(
             output_dir=tmp, max_steps=steps, per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=250, learning_rate=args.lr, warmup_steps=min(100, steps // 10),
-            lr_scheduler_type="cosine", weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, steps // 10),
-            eval_strategy="steps", eval_steps=max(1, steps // 6), save_strategy="no", report_to=[],
+            lr_scheduler_type=args.lr_scheduler, weight_decay=0.01, max_grad_norm=1.0,
+            lr_scheduler_kwargs={"num_decay_steps": round(WSD_DECAY * steps)}
+            if args.lr_scheduler == "warmup_stable_decay" else {},
+            logging_steps=max(1, steps // 10),
+            eval_strategy="steps", eval_steps=eval_every, save_strategy="no", report_to=[],
             seed=args.seed, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False)
         clock = Clock()
         trainer = CurriculumTrainer(
@@ -235,6 +281,8 @@ def run(name, task_name, memory_tokens, memory_init, args):
     return {"name": name, "task": task_name, "model": f"{layers}x{hidden}",
             "task_params": {k: v for k, v in vars(task).items() if not callable(v)},
             "stages": [{"steps": n, "knobs": knobs} for n, (_, knobs) in zip(stage_steps, stages)],
+            "stage_history": [{k: h[k] for k in ("name", "reason", "start_step", "end_step")}
+                              for h in trainer.curriculum_history],
             "segment_size": segment_size, "sample_tokens": {"min": min(lengths), "max": max(lengths)},
             "segments_per_sample": max(lengths) / segment_size, "num_memory_tokens": memory_tokens,
             "memory_init": memory_init, "position_embedding_type": args.position, "steps": steps,

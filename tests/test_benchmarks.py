@@ -42,12 +42,15 @@ def test_armt_tasks_quick(tmp_path):
     assert set(rotary) == {"multi_hop_m4_random_rotary", "multi_hop_full_attention_rotary"}
     assert rotary["multi_hop_m4_random_rotary"]["segments_per_sample"] > 1
     assert rotary["multi_hop_full_attention_rotary"]["segments_per_sample"] < 1
-    # --stage-fractions and --seed: other shares of the curriculum, named for them
-    run_script("armt_tasks.py", "--quick", "--runs", "memory_retrieval_m4_random", "--stage-fractions", "0.25,0.75",
-               "--seed", "3", "--steps", "4", "--out", str(tmp_path / "stages"))
+    # --stage-fractions, --advance-at, --lr-scheduler and --seed, each named in the run: stage shares become caps,
+    # and a stage whose own accuracy reaches its threshold (0: at the first evaluation) ends there
+    run_script("armt_tasks.py", "--quick", "--runs", "memory_retrieval_m4_random", "--stage-fractions", "0.75,0.25",
+               "--advance-at", "0", "--eval-every", "2", "--stage-eval-samples", "8", "--lr-scheduler",
+               "constant_with_warmup", "--seed", "3", "--steps", "4", "--out", str(tmp_path / "stages"))
     (staged,) = json.loads((tmp_path / "stages" / "armt_tasks.json").read_text())["results"]
-    assert staged["name"] == "memory_retrieval_m4_random_stages25-75_seed3"
-    assert [s["steps"] for s in staged["stages"]] == [1, 3]
+    assert staged["name"] == "memory_retrieval_m4_random_stages75-25_advance0_constlr_seed3"
+    assert [s["steps"] for s in staged["stages"]] == [3, 1]
+    assert [(h["reason"], h["end_step"]) for h in staged["stage_history"]] == [("threshold", 2)]
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
 
 
@@ -62,8 +65,9 @@ def test_armt_scaling_quick(tmp_path):
 
 
 def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
-    run_script("armt_babilong.py", "--quick", "--vocab-size", "512", "--out", str(tmp_path))
+    run_script("armt_babilong.py", "--quick", "--vocab-size", "512", "--position", "rotary", "--out", str(tmp_path))
     report = json.loads((tmp_path / "armt_babilong.json").read_text())
+    assert report["args"]["position"] == "rotary"
     assert {r["model"] for r in report["results"]} == {"armt", "full"} and "512 ids" in report["tokenizer"]
     armt, full = sorted(report["results"], key=lambda r: r["model"])
     assert all(e["accuracy"] is not None for e in armt["eval"])          # memory reads any length

@@ -524,3 +524,8 @@ def test_task_curriculum_makes_the_stream_harder_inside_curriculum_trainer(tmp_p
         task_curriculum(stream, [{"n_hops": 5}])  # longer than the chain: rejected before training
     with pytest.raises(ValueError, match="one steps_per_stage per stage"):
         task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}], steps_per_stage=[5])
+    # a mastery curriculum: a threshold (and a step cap) for the first stage, none for the last
+    mastery = task_curriculum(stream, [{"n_hops": 1}, {"n_hops": 2}], steps_per_stage=[100, None],
+                              metric="eval_accuracy", thresholds=[0.9, None])
+    assert [(s.metric, s.threshold, s.max_steps) for s in mastery] == [("eval_accuracy", 0.9, 100), (None, None, None)]
+    assert mastery[0].reached({"eval_accuracy": 0.95}) and not mastery[1].reached({"eval_accuracy": 1.0})
