@@ -79,6 +79,9 @@ def tasks(quick):
 SWEPT = "pattern_reasoning"  # the default sweeps run on the task that trains in minutes
 
 
+HEADS = 4  # attention heads per layer of every run (--heads)
+
+
 POSITION = "absolute"  # default position_embedding_type of the runs (--position)
 
 
@@ -127,6 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden-size", type=int, default=None, help=f"default per task {MODEL} (quick 32)")
     p.add_argument("--layers", type=int, default=None, help="default per task (quick 2); runs made at another size "
                                                             "than the task's default are named ..._<layers>x<hidden>")
+    p.add_argument("--heads", type=int, default=HEADS, help=f"attention heads per layer (default {HEADS}); runs made "
+                                                            "with another count are named ..._h<heads>")
     p.add_argument("--position", choices=["absolute", "rotary"], default=POSITION,
                    help=f"UnifiedARMT position_embedding_type (default {POSITION}); runs made with the other one are "
                         "named ..._<position>")
@@ -166,6 +171,8 @@ def parse_args(argv=None):
         if any(not 0 <= t <= 1 for t in args.advance_at):
             p.error(f"--advance-at thresholds are accuracies in [0, 1] (0: advance at the first evaluation), got "
                     f"{args.advance_at}")
+    if args.heads < 1:
+        p.error(f"--heads must be a positive number of attention heads, got {args.heads}")
     if args.eval_every is not None and args.eval_every < 1:
         p.error(f"--eval-every must be a positive number of steps, got {args.eval_every}")
     return args
@@ -204,6 +211,10 @@ def run(name, task_name, memory_tokens, memory_init, args):
     layers, hidden = args.layers or default_layers, args.hidden_size or default_hidden
     if (layers, hidden) != (default_layers, default_hidden):
         name = f"{name}_{layers}x{hidden}"
+    if hidden % args.heads:
+        raise SystemExit(f"--heads {args.heads} must divide the hidden size {hidden}")
+    if args.heads != HEADS:
+        name = f"{name}_h{args.heads}"
     if args.position != POSITION:
         name = f"{name}_{args.position}"
     if args.stage_fractions is not None:
@@ -231,12 +242,14 @@ def run(name, task_name, memory_tokens, memory_init, args):
         segment_size = 2 * longest
     if memory_init == CONTROL and args.position == "absolute":  # GPT-2 of the same size (the original control)
         model = GPT2LMHeadModel(GPT2Config(
-            vocab_size=task.vocab.vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=2 * longest,
+            vocab_size=task.vocab.vocab_size, n_embd=hidden, n_layer=layers, n_head=args.heads,
+            n_positions=2 * longest,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=task.vocab.BOS, eos_token_id=None,
             pad_token_id=task.vocab.PAD))
     else:
         config = UnifiedARMTConfig(vocab_size=task.vocab.vocab_size, hidden_size=hidden,
-                                   num_hidden_layers=layers, num_attention_heads=4, segment_size=segment_size,
+                                   num_hidden_layers=layers, num_attention_heads=args.heads,
+                                   segment_size=segment_size,
                                    position_embedding_type=args.position,
                                    num_memory_tokens=max(1, memory_tokens), d_mem=32, num_memory_heads=1,
                                    memory_init="random" if memory_init == CONTROL else memory_init,
@@ -278,7 +291,7 @@ def run(name, task_name, memory_tokens, memory_init, args):
         raise RuntimeError(f"the last stage trained on {stream.task}, not on the task it names")
     history = trainer.state.log_history
     with_memory = accuracy(model, test, collator)
-    return {"name": name, "task": task_name, "model": f"{layers}x{hidden}",
+    return {"name": name, "task": task_name, "model": f"{layers}x{hidden}", "heads": args.heads,
             "task_params": {k: v for k, v in vars(task).items() if not callable(v)},
             "stages": [{"steps": n, "knobs": knobs} for n, (_, knobs) in zip(stage_steps, stages)],
             "stage_history": [{k: h[k] for k in ("name", "reason", "start_step", "end_step")}

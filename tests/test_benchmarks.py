@@ -42,13 +42,14 @@ def test_armt_tasks_quick(tmp_path):
     assert set(rotary) == {"multi_hop_m4_random_rotary", "multi_hop_full_attention_rotary"}
     assert rotary["multi_hop_m4_random_rotary"]["segments_per_sample"] > 1
     assert rotary["multi_hop_full_attention_rotary"]["segments_per_sample"] < 1
-    # --stage-fractions, --advance-at, --lr-scheduler and --seed, each named in the run: stage shares become caps,
-    # and a stage whose own accuracy reaches its threshold (0: at the first evaluation) ends there
+    # --heads, --stage-fractions, --advance-at, --lr-scheduler and --seed, each named in the run: stage shares
+    # become caps, and a stage whose own accuracy reaches its threshold (0: at the first evaluation) ends there
     run_script("armt_tasks.py", "--quick", "--runs", "memory_retrieval_m4_random", "--stage-fractions", "0.75,0.25",
                "--advance-at", "0", "--eval-every", "2", "--stage-eval-samples", "8", "--lr-scheduler",
-               "constant_with_warmup", "--seed", "3", "--steps", "4", "--out", str(tmp_path / "stages"))
+               "constant_with_warmup", "--seed", "3", "--heads", "2", "--steps", "4", "--out", str(tmp_path / "stages"))
     (staged,) = json.loads((tmp_path / "stages" / "armt_tasks.json").read_text())["results"]
-    assert staged["name"] == "memory_retrieval_m4_random_stages75-25_advance0_constlr_seed3"
+    assert staged["name"] == "memory_retrieval_m4_random_h2_stages75-25_advance0_constlr_seed3"
+    assert staged["heads"] == 2
     assert [s["steps"] for s in staged["stages"]] == [3, 1]
     assert [(h["reason"], h["end_step"]) for h in staged["stage_history"]] == [("threshold", 2)]
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
