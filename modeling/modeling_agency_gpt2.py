@@ -98,7 +98,7 @@ class AgencyGPT2Attention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        head_scale: torch.Tensor,
+        head_scale: Optional[torch.Tensor],
         attention_mask: Optional[torch.Tensor] = None,
         past_key_values: Optional[Cache] = None,
         cache_position: Optional[torch.LongTensor] = None,
@@ -135,8 +135,9 @@ class AgencyGPT2Attention(nn.Module):
             is_causal=is_causal,
         )  # (B, T, nh, hs)
 
-        # Gates, agency state and consent: one broadcast multiply over the heads.
-        attn_output = attn_output * head_scale.to(attn_output.dtype).view(1, 1, -1, 1)
+        # Gates, agency state and consent: one broadcast multiply over the heads (None: every scale is 1).
+        if head_scale is not None:
+            attn_output = attn_output * head_scale.to(attn_output.dtype).view(1, 1, -1, 1)
         attn_output = attn_output.reshape(bsz, seq_len, -1)
         attn_output = self.resid_dropout(self.c_proj(attn_output))
         return attn_output, attn_weights
@@ -218,7 +219,6 @@ class AgencyGPT2Baseline(nn.Module):
             [AgencyGPT2Block(config, i, cache_idx=config.n_layer + i, prunable=False) for i in range(config.n_layer)]
         )
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.register_buffer("unit_scale", torch.ones(config.n_head), persistent=False)
         self.requires_grad_(False)
 
 
@@ -595,6 +595,8 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
 
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
         scales = self.head_scales()
+        if not torch.is_grad_enabled() and not _is_tracing() and bool((scales == 1).all()):
+            scales = None  # inference with every gate open (e.g. a GPT-2 just converted or pruned): skip the multiply
 
         base_states = None
         if self.baseline is not None:
@@ -613,7 +615,10 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
             if output_hidden_states:
                 all_hidden_states = all_hidden_states + (hidden_states,)
             attn = block.attn
-            layer_scale = scales[i] if attn.num_heads == cfg.n_head else scales[i].index_select(0, attn.head_index)
+            if scales is None or attn.num_heads == cfg.n_head:
+                layer_scale = None if scales is None else scales[i]
+            else:
+                layer_scale = scales[i].index_select(0, attn.head_index)
             hidden_states, attn_weights = block(
                 hidden_states,
                 layer_scale,
@@ -627,7 +632,7 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
                 with torch.no_grad():
                     base_states, _ = self.baseline.h[i](
                         base_states,
-                        self.baseline.unit_scale,
+                        None,  # the baseline's heads are never scaled
                         attention_mask=mask,
                         past_key_values=past_key_values,
                         cache_position=cache_position,

@@ -86,4 +86,8 @@ def test_agency_speed_quick(tmp_path):
             m = entry[measure]
             assert len(m["samples"]) == len(m["ratio_per_round"]) == rounds
             assert min(m["ratio_per_round"]) <= m["ratio"] <= max(m["ratio_per_round"]) and m["ratio_to_peer"] > 0
+            # sign test: losing no round is p = 1, losing every round is p = 2^-rounds
+            if m["rounds_slower_than_peer"] in (0, rounds):
+                assert m["slower_than_peer_p"] == (1.0 if m["rounds_slower_than_peer"] == 0 else 0.5**rounds)
+            assert 0.5**rounds <= m["slower_than_peer_p"] <= 1.0
     assert len(report["targets"]) == 2 * (3 + 4) and (tmp_path / "agency_speed.png").stat().st_size > 0

@@ -244,6 +244,19 @@ def test_zero_gate_equals_physically_pruned_head(tester):
     assert_close(_logits(gated, ids), _logits(pruned, ids), 1e-5)
 
 
+def test_open_gates_skip_the_multiply_at_inference_only(tester):
+    # with every scale at 1, inference skips the gate multiply; training keeps it (the gates need their gradient)
+    ids = tester.input_ids()
+    model = tester.agency()
+    with_grad = model(ids).logits
+    assert_close(_logits(model, ids), with_grad.detach(), 0.0)
+    with_grad.sum().backward()
+    assert model.transformer.head_gates.grad.abs().sum() > 0
+    with torch.no_grad():
+        model.transformer.head_gates[2, 1] = 0.5
+    assert not torch.allclose(_logits(model, ids), with_grad.detach())
+
+
 def test_states_and_consent_scale_heads_exactly(tester):
     ids = tester.input_ids()
     reference, model = tester.agency(), tester.agency()
