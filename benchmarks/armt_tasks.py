@@ -25,9 +25,10 @@ Targets (issue 4): retrieval >= 95%, reasoning >= 90%, multi-hop >= 99%.
     python benchmarks/armt_tasks.py                   # full run (hours on 2 CPU cores; --runs picks some)
     python benchmarks/armt_tasks.py --quick           # smoke test: tiny model, few steps
     python benchmarks/armt_tasks.py --runs memory_retrieval_m16_random,multi_hop_m16_random
-    # mastery curriculum: leave a stage as soon as its own accuracy reaches 90% (its share of the steps is a cap)
-    python benchmarks/armt_tasks.py --runs memory_retrieval_m4_random --position rotary --batch-size 128 --lr 1e-3 \
-        --lr-scheduler constant_with_warmup --steps 6000 --stage-fractions 0.6,0.15,0.25 --advance-at 0.9,0.9
+    # retrieval >= 95% (99.7% / 98.7% for seeds 0 / 1, ~1 h on 1 thread): rotary positions, 8 heads, mastery
+    # curriculum (leave a stage as soon as its own accuracy reaches 90%; its share of the steps is a cap)
+    python benchmarks/armt_tasks.py --runs memory_retrieval_m4_random --position rotary --heads 8 --batch-size 128 \
+        --lr 1e-3 --lr-scheduler constant_with_warmup --steps 9000 --stage-fractions 0.35,0.25,0.4 --advance-at 0.9,0.9
 """
 
 import argparse
