@@ -13,7 +13,9 @@ Training signal and curricula (evaluation always uses the plain task: one query,
     a shortcut around memory that the first attempt found);
   - pattern_reasoning: every term the rule determines is labeled (`label_shown`); the answer marker opens a new
     segment, so the last terms come from memory;
-  - multi_hop: four queries per sample with 1..n_hops hops (`n_queries`), none with the final answer.
+  - multi_hop: first one hop only (retrieval among the 6 pairs, three queries per sample), then four queries per
+    sample with 1..n_hops hops (`n_queries`), none with the final answer. (Runs before 2026-11-30 had the second
+    stage only; each run's "stages" in the JSON says what it trained.)
 
 Runs: each task with 16 memory tokens and random init; the SWEPT task again with 8/32/64 memory tokens and with
 the orthogonal and embedding_kmeans inits. On request (`--runs <task>_full_attention`) a control: GPT-2 of the same
@@ -68,13 +70,13 @@ def tasks(quick):
                 "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=17, n_shown=7), 4,
                                       [(1.0, {"label_shown": True})]),
                 "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=2, n_symbols=16), 8,
-                              [(1.0, {"n_queries": 3})])}
+                              [(0.5, {"n_hops": 1, "n_queries": 3}), (0.5, {"n_queries": 3})])}
     return {"memory_retrieval": (MemoryRetrieval(context_length=48, n_pairs=2, n_symbols=16), 16,
                                  [(0.1, {"context_length": 8}), (0.2, {"context_length": 24}), (0.7, {})]),
             "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=17, n_shown=15), 8,
                                   [(1.0, {"label_shown": True})]),
             "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=3, n_symbols=16), 8,
-                          [(1.0, {"n_queries": 4})])}
+                          [(0.3, {"n_hops": 1, "n_queries": 3}), (0.7, {"n_queries": 4})])}
 
 
 SWEPT = "pattern_reasoning"  # the default sweeps run on the task that trains in minutes

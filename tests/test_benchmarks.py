@@ -19,7 +19,8 @@ def test_armt_tasks_quick(tmp_path):
     report = json.loads((tmp_path / "armt_tasks.json").read_text())
     (result,) = report["results"]
     assert result["task"] == "multi_hop" and 0.0 <= result["accuracy"] <= 1.0 and result["segments_per_sample"] > 1
-    assert 0.0 <= result["accuracy_memory_reset"] <= 1.0 and result["stages"][0]["knobs"] == {"n_queries": 3}
+    assert 0.0 <= result["accuracy_memory_reset"] <= 1.0 and [s["knobs"] for s in result["stages"]] == [
+        {"n_hops": 1, "n_queries": 3}, {"n_queries": 3}]  # one hop first, then the task's two
     assert (tmp_path / "armt_tasks.png").stat().st_size > 0 and (tmp_path / "armt_tasks.md").exists()
     # --merge keeps the runs already there and adds the new one, in the benchmark's order
     run_script("armt_tasks.py", "--quick", "--runs", "pattern_reasoning_m4_random", "--steps", "3", "--merge",
