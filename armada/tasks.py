@@ -283,6 +283,8 @@ class MultiHop(_Task):
     With `n_queries` > 1 the final query (k = n_hops) is preceded by n_queries - 1 more `<query> s j <answer> e`
     with starts s on the chain and hop counts 1 <= j <= n_hops, labeled too (more signal per sample); they are
     distinct and none has the final answer, so it cannot be copied from them.
+    With `show_path` every query's answer is preceded by the nodes it passes through, labeled (a scratchpad:
+    `<query> a 2 <answer> b c` instead of `... <answer> c`; one retrieval per token), e.g. as a curriculum stage.
     """
 
     n_hops: int = 2
@@ -290,10 +292,13 @@ class MultiHop(_Task):
     n_distractors: int = 8
     n_symbols: int = 64
     n_queries: int = 1
+    show_path: bool = False
 
     def __post_init__(self):
         _check_ints(self, 1, "n_hops", "n_symbols", "n_queries")
         _check_ints(self, 0, "n_distractors")
+        if not isinstance(self.show_path, bool):
+            raise ValueError(f"show_path must be True or False, got {self.show_path!r}.")
         if self.chain_length is not None:
             _check_ints(self, 1, "chain_length")
         if self.n_hops > self.length:
@@ -334,12 +339,13 @@ class MultiHop(_Task):
         # earlier queries: distinct, and none ends where the final one does (its answer would be copied)
         others = [(s, h) for h in range(1, self.n_hops + 1) for s in range(L - h + 1) if s + h != start + self.n_hops]
         supervised = []
-        for s, hops in rng.sample(others, self.n_queries - 1):
+        for s, hops in rng.sample(others, self.n_queries - 1) + [(start, self.n_hops)]:
             prompt += [v.QUERY, v.symbol(chain[s]), v.symbol(hops), v.ANSWER]
-            supervised.append(len(prompt))
-            prompt.append(v.symbol(chain[s + hops]))
-        prompt += [v.QUERY, v.symbol(chain[start]), v.symbol(self.n_hops), v.ANSWER]
-        return _ids_sample(prompt, [v.symbol(chain[start + self.n_hops])], supervised)
+            shown = range(1 if self.show_path else hops, hops + 1)  # the path (scratchpad), or the answer alone
+            supervised += range(len(prompt), len(prompt) + len(shown))
+            prompt += [v.symbol(chain[s + h]) for h in shown]
+        answer = prompt[-1:]  # the final query's answer, split off the prompt
+        return _ids_sample(prompt[:-1], answer, supervised[:-1])
 
 
 # ---------------------------------------------------------------------------------------------------------- bAbI

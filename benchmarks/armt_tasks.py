@@ -13,9 +13,11 @@ Training signal and curricula (evaluation always uses the plain task: one query,
     a shortcut around memory that the first attempt found);
   - pattern_reasoning: every term the rule determines is labeled (`label_shown`); the answer marker opens a new
     segment, so the last terms come from memory;
-  - multi_hop: first one hop only (retrieval among the 6 pairs, three queries per sample), then four queries per
-    sample with 1..n_hops hops (`n_queries`), none with the final answer. (Runs before 2026-11-30 had the second
-    stage only; each run's "stages" in the JSON says what it trained.)
+  - multi_hop: first one hop only (retrieval among the 6 pairs, three queries per sample), then the task with the
+    path written out before the answer (`show_path`: `<query> a 2 <answer> b c`, one retrieval per token), then the
+    task itself. Earlier curricula (each run's "stages" in the JSON says what it trained): four queries per sample
+    with 1..n_hops hops (`n_queries`, until 2026-11-30; their earlier answers write chain nodes into the context,
+    which the single-query task does not have), then one hop first and those four queries.
 
 Runs: each task with 16 memory tokens and random init; the SWEPT task again with 8/32/64 memory tokens and with
 the orthogonal and embedding_kmeans inits. On request (`--runs <task>_full_attention`) a control: GPT-2 of the same
@@ -70,13 +72,13 @@ def tasks(quick):
                 "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=17, n_shown=7), 4,
                                       [(1.0, {"label_shown": True})]),
                 "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=2, n_symbols=16), 8,
-                              [(0.5, {"n_hops": 1, "n_queries": 3}), (0.5, {"n_queries": 3})])}
+                              [(0.3, {"n_hops": 1, "n_queries": 3}), (0.3, {"show_path": True}), (0.4, {})])}
     return {"memory_retrieval": (MemoryRetrieval(context_length=48, n_pairs=2, n_symbols=16), 16,
                                  [(0.1, {"context_length": 8}), (0.2, {"context_length": 24}), (0.7, {})]),
             "pattern_reasoning": (PatternReasoning(rule="arithmetic", modulus=17, n_shown=15), 8,
                                   [(1.0, {"label_shown": True})]),
             "multi_hop": (MultiHop(n_hops=2, chain_length=3, n_distractors=3, n_symbols=16), 8,
-                          [(0.3, {"n_hops": 1, "n_queries": 3}), (0.7, {"n_queries": 4})])}
+                          [(0.25, {"n_hops": 1, "n_queries": 3}), (0.25, {"show_path": True}), (0.5, {})])}
 
 
 SWEPT = "pattern_reasoning"  # the default sweeps run on the task that trains in minutes
@@ -138,6 +140,11 @@ def parse_args(argv=None):
     p.add_argument("--position", choices=["absolute", "rotary"], default=POSITION,
                    help=f"UnifiedARMT position_embedding_type (default {POSITION}); runs made with the other one are "
                         "named ..._<position>")
+    p.add_argument("--stages", default=None, metavar="JSON",
+                   help="the training curriculum instead of the task's own: a JSON list of knob dicts applied to "
+                        "the evaluation task, one per stage, e.g. '[{\"n_hops\": 1, \"n_queries\": 3}, {}]' (equal "
+                        "shares unless --stage-fractions); runs are named ..._curriculum-<stage>-<stage>-... with "
+                        "each stage written as its knobs (hops1queries3; {} is 'task')")
     p.add_argument("--stage-fractions", default=None, metavar="F1,F2,...",
                    help="share of the steps spent in each curriculum stage, one number per stage of the task, "
                         "summing to 1 (default: the task's own, see `tasks`); runs made with other shares are "
@@ -166,6 +173,13 @@ def parse_args(argv=None):
             p.error(f"--stage-fractions takes comma-separated numbers, got {args.stage_fractions!r}")
         if any(f <= 0 for f in args.stage_fractions) or abs(sum(args.stage_fractions) - 1) > 1e-6:
             p.error(f"--stage-fractions must be positive and sum to 1, got {args.stage_fractions}")
+    if args.stages is not None:
+        try:
+            args.stages = json.loads(args.stages)
+        except json.JSONDecodeError as e:
+            p.error(f"--stages must be a JSON list of knob dicts, got {args.stages!r} ({e})")
+        if not (isinstance(args.stages, list) and args.stages and all(isinstance(k, dict) for k in args.stages)):
+            p.error(f"--stages must be a non-empty JSON list of knob dicts (one per stage), got {args.stages!r}")
     if args.advance_at is not None:
         try:
             args.advance_at = [float(t) for t in args.advance_at.split(",")]
@@ -208,6 +222,13 @@ def accuracy(model, data, collator, reset_memory=False, batch_size=250):
     return correct / len(data)
 
 
+def stage_tag(knobs):
+    """A stage's knobs in a run name: {"n_hops": 1, "n_queries": 3} -> hops1queries3, {"show_path": True} ->
+    showpath1, {} (the evaluation task itself) -> task."""
+    return "".join(f"{k.removeprefix('n_').replace('_', '')}{int(v) if isinstance(v, bool) else v}"
+                   for k, v in knobs.items()) or "task"
+
+
 def run(name, task_name, memory_tokens, memory_init, args):
     task, segment_size, stages = tasks(args.quick)[task_name]
     default_layers, default_hidden = (2, 32) if args.quick else MODEL[task_name]
@@ -220,6 +241,11 @@ def run(name, task_name, memory_tokens, memory_init, args):
         name = f"{name}_h{args.heads}"
     if args.position != POSITION:
         name = f"{name}_{args.position}"
+    if args.stages is not None:
+        for knobs in args.stages:
+            task.with_difficulty(**knobs)  # unknown knobs or impossible values: a clear error before training
+        stages = [(1 / len(args.stages), knobs) for knobs in args.stages]
+        name = f"{name}_curriculum-" + "-".join(stage_tag(knobs) for knobs in args.stages)
     if args.stage_fractions is not None:
         if len(args.stage_fractions) != len(stages):
             raise SystemExit(f"--stage-fractions gives {len(args.stage_fractions)} shares but {task_name} has "

@@ -20,7 +20,7 @@ def test_armt_tasks_quick(tmp_path):
     (result,) = report["results"]
     assert result["task"] == "multi_hop" and 0.0 <= result["accuracy"] <= 1.0 and result["segments_per_sample"] > 1
     assert 0.0 <= result["accuracy_memory_reset"] <= 1.0 and [s["knobs"] for s in result["stages"]] == [
-        {"n_hops": 1, "n_queries": 3}, {"n_queries": 3}]  # one hop first, then the task's two
+        {"n_hops": 1, "n_queries": 3}, {"show_path": True}, {}]  # one hop, the path written out, then the task
     assert (tmp_path / "armt_tasks.png").stat().st_size > 0 and (tmp_path / "armt_tasks.md").exists()
     # --merge keeps the runs already there and adds the new one, in the benchmark's order
     run_script("armt_tasks.py", "--quick", "--runs", "pattern_reasoning_m4_random", "--steps", "3", "--merge",
@@ -54,6 +54,20 @@ def test_armt_tasks_quick(tmp_path):
     assert [s["steps"] for s in staged["stages"]] == [3, 1]
     assert [(h["reason"], h["end_step"]) for h in staged["stage_history"]] == [("threshold", 2)]
     assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+
+
+def test_armt_tasks_custom_curriculum(tmp_path):
+    run_script("armt_tasks.py", "--quick", "--runs", "multi_hop_m4_random", "--steps", "3", "--stages",
+               '[{"n_hops": 1, "n_queries": 3}, {}]', "--out", str(tmp_path))
+    (result,) = json.loads((tmp_path / "armt_tasks.json").read_text())["results"]
+    assert result["name"] == "multi_hop_m4_random_curriculum-hops1queries3-task"
+    assert [(s["steps"], s["knobs"]) for s in result["stages"]] == [(2, {"n_hops": 1, "n_queries": 3}), (1, {})]
+    for bad, says in (('{"n_hops": 1}', "JSON list of knob dicts"), ("[{", "JSON list of knob dicts"),
+                      ('[{"hops": 1}]', "has no knob")):
+        done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_tasks.py"), "--quick", "--runs",
+                               "multi_hop_m4_random", "--stages", bad, "--out", str(tmp_path / "bad")],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0 and says in done.stderr and not (tmp_path / "bad").exists()
 
 
 def test_armt_scaling_quick(tmp_path):

@@ -87,7 +87,7 @@ def solve_pattern(shown, p, n_predict, rule, coefficients=None, rule_fn=None):
     return xs[len(shown):]
 
 
-def solve_multi_hop(ids):
+def solve_multi_hop(ids, hops=None):
     v = TaskVocab(1)
     q = ids.index(v.QUERY)
     body = ids[1:q]
@@ -97,7 +97,7 @@ def solve_multi_hop(ids):
     for u, w, _ in triples:
         assert u not in pointer, "a source node points twice: the answer would be ambiguous"
         pointer[u] = w
-    node, hops = ids[q + 1], ids[q + 2] - N_SPECIAL
+    node, hops = ids[q + 1], hops or ids[q + 2] - N_SPECIAL
     for _ in range(hops):
         node = pointer[node]
     return [node]
@@ -190,6 +190,27 @@ def test_multi_hop_extra_queries_are_labeled_and_answered():
         assert len(set(asked)) == 4 and s["answer"][0] not in [ids[q + 4] for q in queries[:-1]]  # nothing to copy
     with pytest.raises(ValueError, match="n_queries=5: .*allowed: n_queries <= 4"):
         MultiHop(n_hops=2, chain_length=3, n_queries=5)
+
+
+def test_multi_hop_show_path_labels_every_node_on_the_way():
+    v = TaskVocab(1)
+    for n_queries in (1, 3):
+        task = MultiHop(n_hops=3, chain_length=4, n_distractors=5, n_symbols=32, n_queries=n_queries)
+        plain, path = task.generate(30, seed=7), task.with_difficulty(show_path=True).generate(30, seed=7)
+        for p, s in zip(plain, path):
+            ids = s["input_ids"]
+            queries = [i for i, x in enumerate(ids) if x == v.QUERY]
+            assert len(queries) == n_queries and s["answer"] == p["answer"] and ids[-1] == s["answer"][0]
+            spans = []
+            for q in queries:   # the solver reads the first query, so hide the earlier ones
+                hops = ids[q + 2] - N_SPECIAL
+                steps = [solve_multi_hop(ids[:queries[0]] + ids[q:q + 3] + [v.ANSWER], hops=h) for h in
+                         range(1, hops + 1)]
+                assert ids[q + 4:q + 4 + hops] == [node for (node,) in steps]   # the path, node by node
+                spans += [(i, ids[i]) for i in range(q + 4, q + 4 + hops)]
+            assert labeled_spans(s) == spans   # every shown node is labeled, nothing else
+    with pytest.raises(ValueError, match="show_path must be True or False"):
+        MultiHop(show_path="yes")
 
 
 # ---------------------------------------------------------------------------- an independent solver for bAbI
