@@ -6,6 +6,8 @@ curriculum stages up to `--train-length`):
   - UnifiedARMT (segments of `--segment-size` + memory tokens): any input length;
   - a GPT-2 of the same width/depth/heads with full attention and a position table of the training length plus the
     question: it cannot read longer inputs, which is reported as where it stops.
+With `--advance-at` the curriculum is a mastery one: a stage ends as soon as its own accuracy (checked every
+`--eval-every` steps) reaches the threshold, its share of the steps is only a cap (as in `armt_tasks.py`).
 Scoring: exact match of the answer tokens (teacher-forced argmax = greedy decoding) on `--eval-samples` new samples
 per length (seeded, disjoint from training). Target (issue 4): >= 90% on qa1 at 16K for UnifiedARMT.
 
@@ -51,6 +53,18 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=None, help="default 4 (quick 1)")
     p.add_argument("--segment-size", type=int, default=None, help="default 128 (quick 32)")
     p.add_argument("--memory-tokens", type=int, default=16)
+    p.add_argument("--heads", type=int, default=4, help="attention heads per layer, both models (default 4)")
+    p.add_argument("--stage-lengths", default=None, metavar="N1,N2,...",
+                   help="context tokens of each curriculum stage, increasing, the last one --train-length "
+                        "(default: max(96, train/4), halfway, train)")
+    p.add_argument("--advance-at", type=float, default=None, metavar="ACC",
+                   help="mastery curriculum: every stage but the last also ends as soon as the accuracy on "
+                        "--stage-eval-samples samples of its own length reaches ACC (checked every --eval-every "
+                        "steps); the equal stage shares become caps and the last stage gets every step left")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--stage-eval-samples", type=int, default=200)
+    p.add_argument("--lr-scheduler", default="constant_with_warmup",
+                   choices=["constant_with_warmup", "cosine", "linear"])
     p.add_argument("--position", choices=["absolute", "rotary"], default="absolute",
                    help="UnifiedARMT position_embedding_type (the full-attention GPT-2 keeps its position table)")
     p.add_argument("--eval-samples", type=int, default=None, help="per length (default 100, quick 4)")
@@ -73,6 +87,21 @@ def parse_args(argv=None):
     args.eval_samples = args.eval_samples or (4 if q else 100)
     if args.train_length > 1024:
         raise SystemExit(f"--train-length must be <= 1024 (the benchmark trains at <= 1K), got {args.train_length}")
+    if args.hidden_size % args.heads:
+        raise SystemExit(f"--heads {args.heads} must divide --hidden-size {args.hidden_size}")
+    if args.stage_lengths is None:
+        shortest = max(96, args.train_length // 4)  # room for the story's facts (~50 tokens for qa1's 8 facts)
+        args.stage_lengths = [shortest, (shortest + args.train_length) // 2, args.train_length]
+    else:
+        try:
+            args.stage_lengths = [int(n) for n in args.stage_lengths.split(",")]
+        except ValueError:
+            raise SystemExit(f"--stage-lengths takes comma-separated token counts, got {args.stage_lengths!r}")
+        if args.stage_lengths != sorted(set(args.stage_lengths)) or args.stage_lengths[-1] != args.train_length:
+            raise SystemExit(f"--stage-lengths must increase and end at --train-length {args.train_length}, got "
+                             f"{args.stage_lengths}")
+    if args.advance_at is not None and not 0 <= args.advance_at <= 1:
+        raise SystemExit(f"--advance-at is an accuracy in [0, 1], got {args.advance_at}")
     return args
 
 
@@ -96,37 +125,53 @@ def build_model(kind, args, vocab_size):
     common = dict(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if kind == "armt":
         return UnifiedARMTForCausalLM(UnifiedARMTConfig(
-            hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=4,
+            hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
             segment_size=args.segment_size, num_memory_tokens=args.memory_tokens, d_mem=64,
             position_embedding_type=args.position,
             max_backprop_segments=None, **common))
-    return GPT2LMHeadModel(GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=4,
+    return GPT2LMHeadModel(GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=args.heads,
                                       n_positions=args.train_length + QUESTION_ROOM, **common))
 
 
 def train(kind, task, args, tokenizer):
     set_seed(args.seed)
     model = build_model(kind, args, len(tokenizer))
-    shortest = max(96, args.train_length // 4)  # room for the story's facts (~50 tokens for qa1's 8 facts)
-    lengths = [shortest, (shortest + args.train_length) // 2, args.train_length]
-    stream = TaskStream(BabiLong(babi=task, target_length=shortest, tokenizer=tokenizer), seed=args.seed,
+    lengths = args.stage_lengths
+    stream = TaskStream(BabiLong(babi=task, target_length=lengths[0], tokenizer=tokenizer), seed=args.seed,
                         tokenizer=tokenizer)
     per_stage = max(1, args.steps // len(lengths))
-    curriculum = task_curriculum(stream, [{"target_length": n} for n in lengths], steps_per_stage=per_stage)
+    mastery = args.advance_at is not None
+    # with --advance-at the shares are caps, the last stage runs to the end, and each stage is scored on its length
+    curriculum = task_curriculum(stream, [{"target_length": n} for n in lengths],
+                                 steps_per_stage=[per_stage] * (len(lengths) - 1) + [None if mastery else per_stage],
+                                 metric="eval_accuracy" if mastery else None,
+                                 thresholds=[args.advance_at] * (len(lengths) - 1) + [None] if mastery else None,
+                                 eval_samples=args.stage_eval_samples if mastery else 0)
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
             output_dir=tmp, max_steps=per_stage * len(lengths), per_device_train_batch_size=args.batch_size,
-            learning_rate=args.lr, warmup_steps=min(100, per_stage), lr_scheduler_type="constant_with_warmup",
-            weight_decay=0.01, max_grad_norm=1.0, logging_steps=max(1, args.steps // 20), save_strategy="no",
-            report_to=[], use_cpu=True, seed=args.seed, dataloader_num_workers=0)
-        trainer = CurriculumTrainer(model=model, args=training_args, train_dataset=stream,
-                                    data_collator=TaskCollator(tokenizer), curriculum=curriculum)
+            per_device_eval_batch_size=8, learning_rate=args.lr, warmup_steps=min(100, per_stage),
+            lr_scheduler_type=args.lr_scheduler, weight_decay=0.01, max_grad_norm=1.0,
+            logging_steps=max(1, args.steps // 20), eval_strategy="steps" if mastery else "no",
+            eval_steps=args.eval_every, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
+            dataloader_num_workers=0)
+        trainer = CurriculumTrainer(
+            model=model, args=training_args, train_dataset=stream, data_collator=TaskCollator(tokenizer),
+            eval_dataset=build_dataset(stream.task, 1, tokenizer=tokenizer).select_columns(["input_ids", "labels"])
+            if mastery else None,  # a placeholder: every stage brings its own (its length)
+            curriculum=curriculum, preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
+            compute_metrics=lambda p: {"accuracy": answer_accuracy(p.predictions, p.label_ids)})
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return model.eval(), {"train_seconds": round(seconds, 1), "stage_lengths": lengths, "steps": per_stage * 3,
-                          "loss_curve": losses, "parameters": model.num_parameters()}
+    history = trainer.state.log_history
+    return model.eval(), {"train_seconds": round(seconds, 1), "stage_lengths": lengths, "steps": trainer.state.global_step,
+                          "stage_history": [{k: h[k] for k in ("name", "reason", "start_step", "end_step")}
+                                            for h in trainer.curriculum_history],
+                          "eval_accuracy_curve": [(h["step"], h["eval_accuracy"]) for h in history
+                                                  if "eval_accuracy" in h],
+                          "loss_curve": [h["loss"] for h in history if "loss" in h],
+                          "parameters": model.num_parameters()}
 
 
 @torch.no_grad()

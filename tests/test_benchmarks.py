@@ -81,9 +81,14 @@ def test_armt_scaling_quick(tmp_path):
 
 
 def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
-    run_script("armt_babilong.py", "--quick", "--vocab-size", "512", "--position", "rotary", "--out", str(tmp_path))
+    run_script("armt_babilong.py", "--quick", "--vocab-size", "512", "--position", "rotary", "--heads", "2",
+               "--stage-lengths", "64,128", "--advance-at", "0", "--eval-every", "2", "--stage-eval-samples", "4",
+               "--out", str(tmp_path))
     report = json.loads((tmp_path / "armt_babilong.json").read_text())
-    assert report["args"]["position"] == "rotary"
+    assert report["args"]["position"] == "rotary" and report["args"]["heads"] == 2
+    for r in report["results"]:  # mastery: the first stage ends at its first evaluation (threshold 0)
+        assert [(h["reason"], h["end_step"]) for h in r["stage_history"]] == [("threshold", 2)]
+        assert r["stage_lengths"] == [64, 128] and [s for s, _ in r["eval_accuracy_curve"]] == [2, 4, 6]
     assert {r["model"] for r in report["results"]} == {"armt", "full"} and "512 ids" in report["tokenizer"]
     armt, full = sorted(report["results"], key=lambda r: r["model"])
     assert all(e["accuracy"] is not None for e in armt["eval"])          # memory reads any length
