@@ -36,6 +36,7 @@ from armada.tasks import task_curriculum  # noqa: E402
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer  # noqa: E402
 
+PER_PROCESS = {"models", "threads", "out", "add"}  # settings that may differ between results combined with --add
 QUESTION_ROOM = 32  # tokens after the context: "\nQuestion: ...\nAnswer: word"
 
 
@@ -68,12 +69,16 @@ def parse_args(argv=None):
     p.add_argument("--position", choices=["absolute", "rotary"], default="absolute",
                    help="UnifiedARMT position_embedding_type (the full-attention GPT-2 keeps its position table)")
     p.add_argument("--eval-samples", type=int, default=None, help="per length (default 100, quick 4)")
-    p.add_argument("--models", default="armt,full")
+    p.add_argument("--models", default="armt,full", help="comma-separated, from armt, full; '' with --add: only "
+                                                          "rebuild the report from the added results")
     p.add_argument("--vocab-size", type=int, default=0,
                    help="0: GPT-2 BPE (50,257 ids); N: a byte-level BPE of N ids retrained from GPT-2's with "
                         "train_new_from_iterator on the background text and bAbI stories (a small LM head makes "
                         "CPU training affordable)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--add", action="append", default=[], metavar="JSON",
+                   help="also report the results in this armt_babilong.json, made with the same settings but other "
+                        "--models (e.g. the two models trained in parallel, one core each)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     q = args.quick
@@ -87,6 +92,9 @@ def parse_args(argv=None):
     args.eval_samples = args.eval_samples or (4 if q else 100)
     if args.train_length > 1024:
         raise SystemExit(f"--train-length must be <= 1024 (the benchmark trains at <= 1K), got {args.train_length}")
+    args.models = [m for m in args.models.split(",") if m]
+    if set(args.models) - {"armt", "full"} or (not args.models and not args.add):
+        raise SystemExit(f"--models takes armt and/or full (nothing only with --add), got {args.models}")
     if args.hidden_size % args.heads:
         raise SystemExit(f"--heads {args.heads} must divide --hidden-size {args.hidden_size}")
     if args.stage_lengths is None:
@@ -198,14 +206,25 @@ def main(argv=None):
     else:
         tokenizer = gpt2_tokenizer()
         tokenizer.pad_token = tokenizer.eos_token
+    added = []
+    for path in args.add:  # refuse anything not made the same way: the comparison must be like for like
+        with open(path) as f:
+            other = json.load(f)
+        differ = sorted(k for k in set(other["args"]) | set(vars(args)) if k not in PER_PROCESS
+                        and other["args"].get(k) != vars(args).get(k))
+        if differ:
+            raise SystemExit(f"{path} was made with other settings ({', '.join(differ)}); --add takes only results "
+                             f"that differ in {', '.join(sorted(PER_PROCESS))}")
+        added += other["results"]
     started, results = time.perf_counter(), []
     for task_name in args.tasks.split(","):
         task = BabiTask(task=task_name)
-        for kind in args.models.split(","):
+        for kind in args.models:
             model, info = train(kind, task, args, tokenizer)
             evals = [evaluate(model, kind, task, n, args, tokenizer) for n in args.eval_lengths]
             results.append({"task": task_name, "model": kind, **info, "eval": evals})
             print(json.dumps({k: v for k, v in results[-1].items() if k != "loss_curve"}), flush=True)
+    results += [r for r in added if (r["task"], r["model"]) not in {(x["task"], x["model"]) for x in results}]
     report = {"benchmark": "armt_babilong", "quick": args.quick, "args": vars(args), "results": results,
               "data": "bAbI facts from armada.tasks.BabiTask in ../shared/data/tinyshakespeare background",
               "tokenizer": (f"byte-level BPE with {len(tokenizer)} ids retrained from GPT-2's on the background text "

@@ -89,6 +89,17 @@ def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
     for r in report["results"]:  # mastery: the first stage ends at its first evaluation (threshold 0)
         assert [(h["reason"], h["end_step"]) for h in r["stage_history"]] == [("threshold", 2)]
         assert r["stage_lengths"] == [64, 128] and [s for s, _ in r["eval_accuracy_curve"]] == [2, 4, 6]
+    # --models '' --add: the report rebuilt from results trained elsewhere, refused when made another way
+    common = ["--quick", "--vocab-size", "512", "--position", "rotary", "--heads", "2", "--stage-lengths", "64,128",
+              "--advance-at", "0", "--eval-every", "2", "--stage-eval-samples", "4"]
+    run_script("armt_babilong.py", *common, "--models", "", "--add", str(tmp_path / "armt_babilong.json"),
+               "--out", str(tmp_path / "combined"))
+    combined = json.loads((tmp_path / "combined" / "armt_babilong.json").read_text())
+    assert combined["results"] == report["results"]
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong.py"), "--quick",
+                           "--models", "", "--add", str(tmp_path / "armt_babilong.json"), "--out",
+                           str(tmp_path / "refused")], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "other settings (" in done.stderr and not (tmp_path / "refused").exists()
     assert {r["model"] for r in report["results"]} == {"armt", "full"} and "512 ids" in report["tokenizer"]
     armt, full = sorted(report["results"], key=lambda r: r["model"])
     assert all(e["accuracy"] is not None for e in armt["eval"])          # memory reads any length
