@@ -375,7 +375,12 @@ class BabiTask(_Task):
     qa4 "What is north of the bedroom?" / "What is the kitchen north of?" (a map on a grid); qa5 "Who gave the cake
     to Fred?" / "What did Mary give to Fred?" / "Who did Mary give the cake to?" / "Who received the cake?" (the
     latest matching gift). People must move before they act; `n_facts` is the number of story sentences.
-    Sample: `{"context", "question", "answer", "facts": list of sentences, "task"}`.
+    Sample: `{"context", "question", "answer", "facts": list of sentences, "task", "questions", "answers"}`.
+
+    `n_questions` > 1 asks that many distinct questions about the same story (denser training signal, like bAbI's
+    questions every few facts): `questions`/`answers` list them; the last one is `question`/`answer`, drawn as with
+    one question (the extra ones are drawn after it, so only a stream's first sample stays the same for a seed);
+    `tokenize_sample` labels every answer.
     """
 
     task: str = "qa1"
@@ -383,13 +388,17 @@ class BabiTask(_Task):
     n_people: int = 4
     n_locations: int = 6
     n_objects: int = 3
+    n_questions: int = 1
     max_tries: int = 1000
     is_text = True
 
     def __post_init__(self):
         if self.task not in BABI_TASKS:
             raise ValueError(f"Unknown bAbI task {self.task!r}; allowed: {', '.join(BABI_TASKS)}.")
-        _check_ints(self, 1, "n_people", "n_objects", "max_tries")
+        _check_ints(self, 1, "n_people", "n_objects", "n_questions", "max_tries")
+        if self.task == "qa1" and self.n_questions > self.n_people:
+            raise ValueError(f"qa1 asks about distinct people: n_questions must be <= n_people = {self.n_people}, "
+                             f"got {self.n_questions}.")
         if self.n_facts is not None:
             _check_ints(self, 1, "n_facts")
         _check_ints(self, 2, "n_locations")
@@ -411,11 +420,18 @@ class BabiTask(_Task):
     def sample(self, rng):
         for _ in range(self.max_tries):
             story = self._map(rng) if self.task == "qa4" else self._world(rng)
-            if story is not None:
-                facts, question, answer = story
-                return {"context": " ".join(facts), "question": question, "answer": answer, "facts": facts,
-                        "task": self.task}
-        raise RuntimeError(f"No answerable {self.task} story in {self.max_tries} tries; raise n_facts.")
+            if story is None:
+                continue
+            facts, question, answer, candidates = story
+            others = [qa for qa in dict(candidates).items() if qa[0] != question]   # distinct questions
+            if len(others) < self.n_questions - 1:
+                continue
+            asked = rng.sample(others, self.n_questions - 1) + [(question, answer)] if self.n_questions > 1 else \
+                [(question, answer)]
+            return {"context": " ".join(facts), "question": question, "answer": answer, "facts": facts,
+                    "task": self.task, "questions": [q for q, _ in asked], "answers": [a for _, a in asked]}
+        raise RuntimeError(f"No answerable {self.task} story with {self.n_questions} distinct question(s) in "
+                           f"{self.max_tries} tries; raise n_facts or lower n_questions.")
 
     def _world(self, rng):
         people, locations = PEOPLE[:self.n_people], LOCATIONS[:self.n_locations]
@@ -459,36 +475,34 @@ class BabiTask(_Task):
                 gifts.append(action)
                 facts.append(f"{p} {rng.choice(GIVE_VERBS)} the {o} to {q}.")
 
+        # (question, answer) for one draw, plus every question the story answers (for n_questions > 1)
         if self.task == "qa1":
-            p = rng.choice(sorted(where))
-            return facts, f"Where is {p}?", where[p]
+            every = [(f"Where is {p}?", where[p]) for p in sorted(where)]
+            return (facts, *rng.choice(every), every)
         if self.task == "qa2":
-            seen = sorted(place)
-            if not seen:
-                return None
-            o = rng.choice(seen)
-            return facts, f"Where is the {o}?", place[o]
+            every = [(f"Where is the {o}?", place[o]) for o in sorted(place)]
+            return (facts, *rng.choice(every), every) if every else None
         if self.task == "qa3":
-            moved = sorted(o for o in objects if len(history[o]) >= 2)
-            if not moved:
-                return None
-            o = rng.choice(moved)
-            return facts, f"Where was the {o} before the {history[o][-1]}?", history[o][-2]
+            every = [(f"Where was the {o} before the {history[o][-1]}?", history[o][-2])
+                     for o in sorted(objects) if len(history[o]) >= 2]
+            return (facts, *rng.choice(every), every) if every else None
         if not gifts:
             return None
-        p, o, q = rng.choice(gifts)
-        form = rng.randrange(4)
 
         def latest(match):
             return [g for g in gifts if match(g)][-1]
 
-        if form == 0:
-            return facts, f"Who gave the {o} to {q}?", latest(lambda g: g[1:] == (o, q))[0]
-        if form == 1:
-            return facts, f"What did {p} give to {q}?", latest(lambda g: (g[0], g[2]) == (p, q))[1]
-        if form == 2:
-            return facts, f"Who did {p} give the {o} to?", latest(lambda g: g[:2] == (p, o))[2]
-        return facts, f"Who received the {o}?", latest(lambda g: g[1] == o)[2]
+        def ask(p, o, q, form):
+            if form == 0:
+                return f"Who gave the {o} to {q}?", latest(lambda g: g[1:] == (o, q))[0]
+            if form == 1:
+                return f"What did {p} give to {q}?", latest(lambda g: (g[0], g[2]) == (p, q))[1]
+            if form == 2:
+                return f"Who did {p} give the {o} to?", latest(lambda g: g[:2] == (p, o))[2]
+            return f"Who received the {o}?", latest(lambda g: g[1] == o)[2]
+
+        p, o, q = rng.choice(gifts)
+        return (facts, *ask(p, o, q, rng.randrange(4)), [ask(*g, form) for g in gifts for form in range(4)])
 
     def _map(self, rng):
         names = rng.sample(LOCATIONS[:self.n_locations], self.num_facts + 1)
@@ -503,10 +517,11 @@ class BabiTask(_Task):
             relations.append((new, d, old) if rng.random() < 0.5 else (old, OPPOSITE[d], new))
         rng.shuffle(relations)
         facts = [f"The {a} is {d} of the {b}." for a, d, b in relations]
+        every = [qa for a, d, b in relations for qa in ((f"What is {d} of the {b}?", a), (f"What is the {a} {d} of?", b))]
         a, d, b = rng.choice(relations)
         if rng.random() < 0.5:
-            return facts, f"What is {d} of the {b}?", a
-        return facts, f"What is the {a} {d} of?", b
+            return facts, f"What is {d} of the {b}?", a, every
+        return facts, f"What is the {a} {d} of?", b, every
 
 
 # ------------------------------------------------------------------------------------------------------ BABILong
@@ -552,6 +567,17 @@ class BabiLong(_Task):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Background text file {path!r} not found; pass background_path= any text file "
                                     "(e.g. ../shared/data/wikitext-2/valid.txt or tinyshakespeare/input.txt).")
+
+    def with_difficulty(self, **changes):
+        """As for every task, plus the story's knobs directly: `with_difficulty(target_length=4096, n_facts=4)`
+        changes `babi` too (so one curriculum stage can set both)."""
+        own, story_knobs = [f.name for f in fields(self)], [f.name for f in fields(BabiTask)]
+        unknown = sorted(set(changes) - set(own) - set(story_knobs))
+        if unknown:
+            raise ValueError(f"BabiLong has no knob {unknown}; knobs: {own}, and the story's: {story_knobs}.")
+        story = {k: changes.pop(k) for k in list(changes) if k in story_knobs}
+        task = super().with_difficulty(**changes)
+        return replace(task, babi=task.babi.with_difficulty(**story)) if story else task
 
     @property
     def background(self) -> str:
@@ -632,17 +658,29 @@ def tokenize_sample(sample: dict, tokenizer, max_length: Optional[int] = None) -
     """A text sample -> `{"input_ids", "labels", "answer_start", "answer", "question"}`.
 
     Prompt `"{context}\\nQuestion: {question}\\nAnswer:"`, then the answer as `" " + answer`; labels are -100
-    except on the answer tokens. If `max_length` is exceeded the start of the context is dropped.
+    except on the answer tokens. A sample with several `questions`/`answers` (`BabiTask(n_questions=k)`) gets each
+    question and answer in turn, every answer labeled; `answer_start` is the last one's. If `max_length` is exceeded
+    the start of the context is dropped.
     """
-    tail = f"\nQuestion: {sample['question']}\nAnswer:"
-    prompt = tokenizer(sample["context"] + tail, add_special_tokens=False, verbose=False)["input_ids"]
-    answer = tokenizer(" " + sample["answer"].strip(), add_special_tokens=False)["input_ids"]
+    def ids(text):
+        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    questions = sample.get("questions") or [sample["question"]]
+    answers = sample.get("answers") or [sample["answer"]]
+    tails = [f"\nQuestion: {q}\nAnswer:" for q in questions]
+    prompt, supervised = ids(sample["context"] + tails[0]), []
+    for answer, tail in zip(answers[:-1], tails[1:]):   # earlier questions: answer labeled, then the next question
+        answer = ids(" " + answer.strip())
+        supervised += range(len(prompt), len(prompt) + len(answer))
+        prompt += answer + ids(tail)
+    answer = ids(" " + answers[-1].strip())
     if max_length is not None and len(prompt) + len(answer) > max_length:
-        needed = len(tokenizer(tail, add_special_tokens=False)["input_ids"]) + len(answer)
+        needed = len(ids(tails[-1])) + len(answer)
         if needed > max_length:
             raise ValueError(f"max_length={max_length} cannot hold the question and answer ({needed} tokens).")
-        prompt = prompt[len(prompt) + len(answer) - max_length:]
-    return {**_ids_sample(prompt, answer), "answer": sample["answer"], "question": sample["question"]}
+        cut = len(prompt) + len(answer) - max_length
+        prompt, supervised = prompt[cut:], [i - cut for i in supervised if i >= cut]
+    return {**_ids_sample(prompt, answer, tuple(supervised)), "answer": answers[-1], "question": questions[-1]}
 
 
 def build_dataset(generator, n: int, seed: int = 0, tokenizer=None, max_length: Optional[int] = None) -> Dataset:

@@ -24,7 +24,7 @@ import tempfile
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, set_seed
+from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments, set_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -58,10 +58,21 @@ def parse_args(argv=None):
     p.add_argument("--stage-lengths", default=None, metavar="N1,N2,...",
                    help="context tokens of each curriculum stage, increasing, the last one --train-length "
                         "(default: max(96, train/4), halfway, train)")
+    p.add_argument("--stages", default=None, metavar="JSON",
+                   help='curriculum as a JSON list of stages, each a dict of BabiLong/BabiTask knobs, e.g. '
+                        '\'[{"target_length": 32, "n_facts": 2}, {"target_length": 96}, {"target_length": 512}]\' '
+                        '(replaces --stage-lengths; a stage keeps the knobs it does not set from the stage before; '
+                        'the last stage\'s target_length must be --train-length)')
     p.add_argument("--advance-at", type=float, default=None, metavar="ACC",
                    help="mastery curriculum: every stage but the last also ends as soon as the accuracy on "
                         "--stage-eval-samples samples of its own length reaches ACC (checked every --eval-every "
                         "steps); the equal stage shares become caps and the last stage gets every step left")
+    p.add_argument("--questions", type=int, default=1,
+                   help="training samples ask this many distinct questions about their story, every answer labeled "
+                        "(BabiTask(n_questions=...): denser signal); evaluation always asks one")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-clock training budget per model: training stops at the first step past it (then the "
+                        "model is evaluated as usual); the stop step is in the JSON")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--stage-eval-samples", type=int, default=200)
     p.add_argument("--lr-scheduler", default="constant_with_warmup",
@@ -97,7 +108,10 @@ def parse_args(argv=None):
         raise SystemExit(f"--models takes armt and/or full (nothing only with --add), got {args.models}")
     if args.hidden_size % args.heads:
         raise SystemExit(f"--heads {args.heads} must divide --hidden-size {args.hidden_size}")
-    if args.stage_lengths is None:
+    if args.stages is not None:
+        args.stages = stages_from_json(args.stages, args.train_length)
+        args.stage_lengths = [stage["target_length"] for stage in args.stages]
+    elif args.stage_lengths is None:
         shortest = max(96, args.train_length // 4)  # room for the story's facts (~50 tokens for qa1's 8 facts)
         args.stage_lengths = [shortest, (shortest + args.train_length) // 2, args.train_length]
     else:
@@ -108,9 +122,37 @@ def parse_args(argv=None):
         if args.stage_lengths != sorted(set(args.stage_lengths)) or args.stage_lengths[-1] != args.train_length:
             raise SystemExit(f"--stage-lengths must increase and end at --train-length {args.train_length}, got "
                              f"{args.stage_lengths}")
+    if args.questions < 1:
+        raise SystemExit(f"--questions must be >= 1, got {args.questions}")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise SystemExit(f"--max-minutes must be > 0, got {args.max_minutes}")
     if args.advance_at is not None and not 0 <= args.advance_at <= 1:
         raise SystemExit(f"--advance-at is an accuracy in [0, 1], got {args.advance_at}")
     return args
+
+
+def stages_from_json(text, train_length):
+    """--stages -> one complete dict of knobs per stage (each keeps what it does not set from the stage before),
+    validated: the knobs exist and make valid tasks, the first stage sets target_length."""
+    try:
+        stages = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise SystemExit(f"--stages is not valid JSON ({err}): {text!r}")
+    if not isinstance(stages, list) or not stages or not all(isinstance(s, dict) for s in stages):
+        raise SystemExit(f"--stages takes a non-empty JSON list of dicts (knob: value), got {text!r}")
+    if "target_length" not in stages[0]:
+        raise SystemExit(f"--stages: the first stage must set target_length, got {stages[0]}")
+    complete = []
+    for stage in stages:
+        complete.append({**(complete[-1] if complete else {}), **stage})
+        try:
+            BabiLong().with_difficulty(**complete[-1])
+        except (TypeError, ValueError) as err:
+            raise SystemExit(f"--stages: stage {stage} is not valid: {err}")
+    if complete[-1]["target_length"] != train_length:
+        raise SystemExit(f"--stages: the last stage's target_length must be --train-length {train_length}, "
+                         f"got {complete[-1]['target_length']}")
+    return complete
 
 
 def small_tokenizer(vocab_size, task_names, seed=0):
@@ -138,19 +180,34 @@ def build_model(kind, args, vocab_size):
             position_embedding_type=args.position,
             max_backprop_segments=None, **common))
     return GPT2LMHeadModel(GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=args.heads,
-                                      n_positions=args.train_length + QUESTION_ROOM, **common))
+                                      n_positions=args.train_length + QUESTION_ROOM * args.questions, **common))
+
+
+class TimeBudget(TrainerCallback):
+    """Stops training at the first step that ends past `minutes` of wall-clock time."""
+
+    def __init__(self, minutes):
+        self.seconds, self.start = 60 * minutes, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.perf_counter() - self.start > self.seconds:
+            control.should_training_stop = True
 
 
 def train(kind, task, args, tokenizer):
     set_seed(args.seed)
     model = build_model(kind, args, len(tokenizer))
     lengths = args.stage_lengths
-    stream = TaskStream(BabiLong(babi=task, target_length=lengths[0], tokenizer=tokenizer), seed=args.seed,
+    stream = TaskStream(BabiLong(babi=task.with_difficulty(n_questions=args.questions), target_length=lengths[0],
+                                 tokenizer=tokenizer), seed=args.seed,
                         tokenizer=tokenizer)
     per_stage = max(1, args.steps // len(lengths))
     mastery = args.advance_at is not None
     # with --advance-at the shares are caps, the last stage runs to the end, and each stage is scored on its length
-    curriculum = task_curriculum(stream, [{"target_length": n} for n in lengths],
+    curriculum = task_curriculum(stream, args.stages or [{"target_length": n} for n in lengths],
                                  steps_per_stage=[per_stage] * (len(lengths) - 1) + [None if mastery else per_stage],
                                  metric="eval_accuracy" if mastery else None,
                                  thresholds=[args.advance_at] * (len(lengths) - 1) + [None] if mastery else None,
@@ -168,7 +225,8 @@ def train(kind, task, args, tokenizer):
             eval_dataset=build_dataset(stream.task, 1, tokenizer=tokenizer).select_columns(["input_ids", "labels"])
             if mastery else None,  # a placeholder: every stage brings its own (its length)
             curriculum=curriculum, preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
-            compute_metrics=lambda p: {"accuracy": answer_accuracy(p.predictions, p.label_ids)})
+            compute_metrics=lambda p: {"accuracy": answer_accuracy(p.predictions, p.label_ids)},
+            callbacks=[TimeBudget(args.max_minutes)] if args.max_minutes else None)
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start

@@ -81,17 +81,15 @@ def test_armt_scaling_quick(tmp_path):
 
 
 def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
-    run_script("armt_babilong.py", "--quick", "--vocab-size", "512", "--position", "rotary", "--heads", "2",
-               "--stage-lengths", "64,128", "--advance-at", "0", "--eval-every", "2", "--stage-eval-samples", "4",
-               "--out", str(tmp_path))
+    common = ["--quick", "--vocab-size", "512", "--position", "rotary", "--heads", "2", "--stage-lengths", "64,128",
+              "--advance-at", "0", "--eval-every", "2", "--stage-eval-samples", "4", "--questions", "2"]
+    run_script("armt_babilong.py", *common, "--out", str(tmp_path))
     report = json.loads((tmp_path / "armt_babilong.json").read_text())
     assert report["args"]["position"] == "rotary" and report["args"]["heads"] == 2
     for r in report["results"]:  # mastery: the first stage ends at its first evaluation (threshold 0)
         assert [(h["reason"], h["end_step"]) for h in r["stage_history"]] == [("threshold", 2)]
         assert r["stage_lengths"] == [64, 128] and [s for s, _ in r["eval_accuracy_curve"]] == [2, 4, 6]
     # --models '' --add: the report rebuilt from results trained elsewhere, refused when made another way
-    common = ["--quick", "--vocab-size", "512", "--position", "rotary", "--heads", "2", "--stage-lengths", "64,128",
-              "--advance-at", "0", "--eval-every", "2", "--stage-eval-samples", "4"]
     run_script("armt_babilong.py", *common, "--models", "", "--add", str(tmp_path / "armt_babilong.json"),
                "--out", str(tmp_path / "combined"))
     combined = json.loads((tmp_path / "combined" / "armt_babilong.json").read_text())
@@ -105,6 +103,24 @@ def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
     assert all(e["accuracy"] is not None for e in armt["eval"])          # memory reads any length
     assert full["eval"][-1]["accuracy"] is None and "cannot" in full["eval"][-1]["stopped"]
     assert (tmp_path / "armt_babilong.png").stat().st_size > 0
+
+
+def test_armt_babilong_custom_curriculum(tmp_path):
+    stages = '[{"target_length": 64, "n_facts": 1, "n_questions": 1}, {"target_length": 256, "n_facts": 2}]'
+    run_script("armt_babilong.py", "--quick", "--vocab-size", "300", "--models", "armt", "--train-length", "256",
+               "--eval-lengths", "256", "--steps", "4", "--stages", stages, "--out", str(tmp_path))
+    (result,) = json.loads((tmp_path / "armt_babilong.json").read_text())["results"]
+    assert [(h["name"], h["end_step"]) for h in result["stage_history"]] == [
+        ("target_length=64, n_facts=1, n_questions=1", 2), ("target_length=256, n_facts=2, n_questions=1", 4)]
+    assert result["stage_lengths"] == [64, 256]
+    for bad, says in (('{"target_length": 256}', "non-empty JSON list"), ("[{", "not valid JSON"),
+                      ('[{"n_facts": 2}]', "first stage must set target_length"),
+                      ('[{"target_length": 256, "facts": 2}]', "no knob ['facts']"),
+                      ('[{"target_length": 64}]', "must be --train-length 256")):
+        done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong.py"), "--quick",
+                               "--train-length", "256", "--stages", bad, "--out", str(tmp_path / "bad")],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0 and says in done.stderr and not (tmp_path / "bad").exists()
 
 
 def test_agency_speed_quick(tmp_path):

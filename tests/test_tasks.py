@@ -305,6 +305,37 @@ def test_babi_answers_by_replaying_the_story(task):
         assert len(questions) >= 3   # several question forms are drawn
 
 
+@pytest.mark.parametrize("task", BABI_TASKS)
+def test_babi_several_questions_all_answered_by_replaying_the_story(task):
+    one = BabiTask(task, n_facts=3 if task == "qa4" else 10, n_people=3, n_locations=5)
+    gen = one.with_difficulty(n_questions=3)
+    first, = one.generate(1, seed=2)
+    samples = gen.generate(40, seed=2)
+    if task in ("qa1", "qa4"):   # stories that always allow 3 questions: the first draw is kept as it is
+        assert {k: samples[0][k] for k in first if k not in ("questions", "answers")} == \
+            {k: v for k, v in first.items() if k not in ("questions", "answers")}, "same story and final question"
+    for s in samples:
+        state, _ = read_story(re.split(r"(?<=\.) ", s["context"]))
+        assert len(s["questions"]) == len(set(s["questions"])) == len(s["answers"]) == 3
+        assert (s["questions"][-1], s["answers"][-1]) == (s["question"], s["answer"])
+        assert [answer_question(state, q) for q in s["questions"]] == s["answers"]
+    assert first["questions"] == [first["question"]] and first["answers"] == [first["answer"]]
+
+
+def test_tokenize_sample_labels_every_answer_of_several_questions(gpt2_tok):
+    sample = BabiTask("qa1", n_questions=3).generate(1, seed=0)[0]
+    row = tokenize_sample(sample, gpt2_tok)
+    labeled = [i for i, label in enumerate(row["labels"]) if label != -100]
+    assert [gpt2_tok.decode([row["input_ids"][i]]) for i in labeled] == [" " + a for a in sample["answers"]]
+    assert all(row["labels"][i] == row["input_ids"][i] for i in labeled)
+    assert labeled[-1] == row["answer_start"] == len(row["input_ids"]) - 1 and row["answer"] == sample["answer"]
+    text = "".join(f"\nQuestion: {q}\nAnswer: {a}" for q, a in zip(sample["questions"], sample["answers"]))
+    assert gpt2_tok.decode(row["input_ids"]) == sample["context"] + text
+    short = tokenize_sample(sample, gpt2_tok, max_length=20)   # the cut start takes the first answer with it
+    assert len(short["input_ids"]) == 20 and short["input_ids"] == row["input_ids"][-20:]
+    assert short["labels"] == row["labels"][-20:]
+
+
 @pytest.mark.parametrize("make", [
     lambda: MemoryRetrieval(context_length=30, n_pairs=3),
     lambda: PatternReasoning("fibonacci"),
@@ -329,6 +360,19 @@ def test_with_difficulty_changes_knobs_and_validates():
         task.with_difficulty(chain_length=1)
 
 
+def test_babilong_with_difficulty_sets_the_story_knobs_too(gpt2_tok):
+    base = BabiLong(BabiTask("qa1"), target_length=200, tokenizer=gpt2_tok)
+    easier = base.with_difficulty(target_length=64, n_facts=2, n_questions=2)
+    assert (easier.target_length, easier.babi.n_facts, easier.babi.n_questions) == (64, 2, 2)
+    assert (base.target_length, base.babi.num_facts, easier.tokenizer) == (200, 8, gpt2_tok)
+    sample = easier.generate(1, seed=0)[0]
+    assert len(sample["facts"]) == 2 and len(sample["questions"]) == 2
+    with pytest.raises(ValueError, match=r"no knob \['n_fact'\].*the story's: \['task', 'n_facts'"):
+        base.with_difficulty(n_fact=2)
+    with pytest.raises(ValueError, match="n_questions must be <= n_people"):
+        base.with_difficulty(n_questions=9)
+
+
 @pytest.mark.parametrize("make,error,match", [
     (lambda: MemoryRetrieval(context_length=8, n_pairs=3), ValueError, r"n_pairs=3 .*allowed: n_pairs <= 2"),
     (lambda: MemoryRetrieval(context_length=64, n_pairs=5, n_symbols=2), ValueError, "distinct keys"),
@@ -348,6 +392,9 @@ def test_with_difficulty_changes_knobs_and_validates():
     (lambda: BabiTask("qa3", n_facts=2), ValueError, "n_facts >= 3"),
     (lambda: BabiTask("qa4", n_facts=6), ValueError, "n_locations - 1"),
     (lambda: BabiTask(n_people=9), ValueError, "only 8"),
+    (lambda: BabiTask(n_questions=0), ValueError, "n_questions must be an integer >= 1"),
+    (lambda: BabiTask(n_questions=5), ValueError, "n_questions must be <= n_people = 4"),
+    (lambda: BabiTask("qa3", n_facts=3, n_questions=4).generate(1), RuntimeError, "lower n_questions"),
     (lambda: BabiLong(background_path="/no/such/file.txt"), FileNotFoundError, "background_path"),
     (lambda: BabiLong(babi="qa1"), ValueError, "BabiTask"),
     (lambda: MultiHop().generate(-1), ValueError, "non-negative"),
