@@ -8,6 +8,9 @@ curriculum stages up to `--train-length`):
     question: it cannot read longer inputs, which is reported as where it stops.
 With `--advance-at` the curriculum is a mastery one: a stage ends as soon as its own accuracy (checked every
 `--eval-every` steps) reaches the threshold, its share of the steps is only a cap (as in `armt_tasks.py`).
+`--stages JSON` sets any story knob per stage besides the length (fewer facts first, several questions per story
+with `n_questions`); `--questions K` asks K questions per training story throughout; `--max-minutes` caps the
+wall-clock training time (the model is then evaluated as usual).
 Scoring: exact match of the answer tokens (teacher-forced argmax = greedy decoding) on `--eval-samples` new samples
 per length (seeded, disjoint from training). Target (issue 4): >= 90% on qa1 at 16K for UnifiedARMT.
 
@@ -36,7 +39,8 @@ from armada.tasks import task_curriculum  # noqa: E402
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer  # noqa: E402
 
-PER_PROCESS = {"models", "threads", "out", "add"}  # settings that may differ between results combined with --add
+PER_PROCESS = {"models", "threads", "out", "add", "max_minutes"}  # may differ between results combined with --add
+ARMT_ONLY = {"segment_size", "memory_tokens", "position"}  # may also differ for an added file without armt results
 QUESTION_ROOM = 32  # tokens after the context: "\nQuestion: ...\nAnswer: word"
 
 
@@ -268,11 +272,13 @@ def main(argv=None):
     for path in args.add:  # refuse anything not made the same way: the comparison must be like for like
         with open(path) as f:
             other = json.load(f)
-        differ = sorted(k for k in set(other["args"]) | set(vars(args)) if k not in PER_PROCESS
+        free = PER_PROCESS | (ARMT_ONLY if all(r["model"] != "armt" for r in other["results"]) else set())
+        differ = sorted(k for k in set(other["args"]) | set(vars(args)) if k not in free
                         and other["args"].get(k) != vars(args).get(k))
         if differ:
             raise SystemExit(f"{path} was made with other settings ({', '.join(differ)}); --add takes only results "
-                             f"that differ in {', '.join(sorted(PER_PROCESS))}")
+                             f"that differ in {', '.join(sorted(PER_PROCESS))} (and, for a file with no armt "
+                             f"result, in the UnifiedARMT-only {', '.join(sorted(ARMT_ONLY))})")
         added += other["results"]
     started, results = time.perf_counter(), []
     for task_name in args.tasks.split(","):
@@ -298,14 +304,17 @@ def main(argv=None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    lines = ["| task | model | " + " | ".join(f"{n} tokens" for n in args.eval_lengths) + " |",
-             "|---|---|" + "---|" * len(args.eval_lengths)]
+    lines = ["| task | model | training | " + " | ".join(f"{n} tokens" for n in args.eval_lengths) + " |",
+             "|---|---|---|" + "---|" * len(args.eval_lengths)]
     for r in results:
         points = [(e["length"], e["accuracy"]) for e in r["eval"] if e["accuracy"] is not None]
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{r['task']} {r['model']}")
         cells = [f"{e['accuracy']:.1%}" if e["accuracy"] is not None else "cannot (beyond n_positions)"
                  for e in r["eval"]]
-        lines.append(f"| {r['task']} | {r['model']} | " + " | ".join(cells) + " |")
+        history = r.get("stage_history") or []
+        reached = f", last stage {history[-1]['name']}" if history else ""
+        trained = f"{r['steps']} steps, {r['train_seconds'] / 60:.0f} min{reached}"
+        lines.append(f"| {r['task']} | {r['model']} | {trained} | " + " | ".join(cells) + " |")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
     ax.set_xlabel("context tokens")

@@ -113,6 +113,19 @@ def test_armt_babilong_custom_curriculum(tmp_path):
     assert [(h["name"], h["end_step"]) for h in result["stage_history"]] == [
         ("target_length=64, n_facts=1, n_questions=1", 2), ("target_length=256, n_facts=2, n_questions=1", 4)]
     assert result["stage_lengths"] == [64, 256]
+    # the full-attention model has no segments or memory: its result combines with an armt one made with other ones
+    common = ["--quick", "--vocab-size", "300", "--train-length", "256", "--eval-lengths", "256", "--steps", "4",
+              "--stages", stages]
+    run_script("armt_babilong.py", *common, "--models", "full", "--segment-size", "64", "--memory-tokens", "4",
+               "--out", str(tmp_path / "full"))
+    run_script("armt_babilong.py", *common, "--models", "", "--add", str(tmp_path / "armt_babilong.json"), "--add",
+               str(tmp_path / "full" / "armt_babilong.json"), "--out", str(tmp_path / "both"))
+    both = json.loads((tmp_path / "both" / "armt_babilong.json").read_text())
+    assert [r["model"] for r in both["results"]] == ["armt", "full"] and both["args"]["segment_size"] == 32
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong.py"), *common, "--models",
+                           "", "--segment-size", "64", "--add", str(tmp_path / "armt_babilong.json"), "--out",
+                           str(tmp_path / "refused")], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "(segment_size)" in done.stderr and not (tmp_path / "refused").exists()
     for bad, says in (('{"target_length": 256}', "non-empty JSON list"), ("[{", "not valid JSON"),
                       ('[{"n_facts": 2}]', "first stage must set target_length"),
                       ('[{"target_length": 256, "facts": 2}]', "no knob ['facts']"),
