@@ -260,6 +260,15 @@ def evaluate(model, kind, task, length, args, tokenizer):
             "seconds_per_sample": (time.perf_counter() - start) / len(data)}
 
 
+def last_stage(result, args):
+    """Name of the stage training ended in (the history lists finished stages only)."""
+    history = result.get("stage_history") or []
+    if history and result["steps"] == history[-1]["end_step"]:
+        return history[-1]["name"]
+    stages = args.stages or [{"target_length": n} for n in args.stage_lengths]
+    return ", ".join(f"{k}={v}" for k, v in stages[len(history)].items())
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -311,9 +320,7 @@ def main(argv=None):
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{r['task']} {r['model']}")
         cells = [f"{e['accuracy']:.1%}" if e["accuracy"] is not None else "cannot (beyond n_positions)"
                  for e in r["eval"]]
-        history = r.get("stage_history") or []
-        reached = f", last stage {history[-1]['name']}" if history else ""
-        trained = f"{r['steps']} steps, {r['train_seconds'] / 60:.0f} min{reached}"
+        trained = f"{r['steps']} steps, {r['train_seconds'] / 60:.0f} min, last stage {last_stage(r, args)}"
         lines.append(f"| {r['task']} | {r['model']} | {trained} | " + " | ".join(cells) + " |")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
