@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import weakref
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from typing import Any, Callable, Optional
@@ -533,6 +534,9 @@ def _default_tokenizer():
     return gpt2_tokenizer()
 
 
+_SENTENCE_COUNTS = weakref.WeakKeyDictionary()   # tokenizer -> {background path: token count of each sentence}
+
+
 @lru_cache(maxsize=4)
 def _background_sentences(path: str) -> tuple:
     with open(path, encoding="utf-8") as f:
@@ -590,6 +594,13 @@ class BabiLong(_Task):
         ids = self._tok()(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         return [len(x) for x in ids]
 
+    def _sentence_counts(self) -> list:
+        """Tokens of every background sentence (as " " + sentence), counted once per tokenizer and file."""
+        per_tokenizer = _SENTENCE_COUNTS.setdefault(self._tok(), {})
+        if self.background not in per_tokenizer:
+            per_tokenizer[self.background] = self.count_tokens([" " + s for s in _background_sentences(self.background)])
+        return per_tokenizer[self.background]
+
     def _cut(self, sentence: str, n: int) -> str:
         """The longest prefix of `sentence` that is at most `n` tokens (as " " + sentence)."""
         text = " " + sentence
@@ -603,12 +614,12 @@ class BabiLong(_Task):
         if budget < 0:
             raise ValueError(f"target_length={self.target_length} is smaller than the facts' length "
                              f"({self.target_length - budget} tokens); raise target_length or lower babi.n_facts.")
-        sentences = _background_sentences(self.background)
+        sentences, counts = _background_sentences(self.background), self._sentence_counts()
         i, chosen = rng.randrange(len(sentences)), []
         while budget > 0:   # wraps around a short file
-            batch = [sentences[(i + j) % len(sentences)] for j in range(64)]
+            batch = [(i + j) % len(sentences) for j in range(64)]
             i += 64
-            for sentence, n in zip(batch, self.count_tokens([" " + s for s in batch])):
+            for sentence, n in zip((sentences[j] for j in batch), (counts[j] for j in batch)):
                 if n > budget:
                     sentence, n = self._cut(sentence, budget), budget
                 if sentence:

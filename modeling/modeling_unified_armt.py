@@ -28,7 +28,7 @@ are put back where they came from, so a padded row gives the same logits as the 
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -544,6 +544,19 @@ def _additive(allowed, dtype):
         ~allowed, torch.finfo(dtype).min)
 
 
+def next_token_targets(labels, attention_mask=None):
+    """The label each position predicts (its next real token's; -100 where none): `labels` shifted left by one
+    within each row's real tokens, so that padding anywhere (left, right or in between) is skipped, and labels at
+    padded positions are ignored whatever they say."""
+    if attention_mask is None:
+        return nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    padded = attention_mask.to(labels.device) == 0
+    labels = labels.masked_fill(padded, -100)
+    order = torch.sort(padded.to(torch.int8), dim=1, stable=True).indices   # real tokens first, in order
+    packed = nn.functional.pad(labels.gather(1, order)[:, 1:], (0, 1), value=-100)
+    return torch.empty_like(labels).scatter_(1, order, packed)
+
+
 class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
     _tied_weights_keys = ["lm_head.weight"]
 
@@ -570,7 +583,7 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
         **kwargs,
     ):
         r"""
@@ -579,26 +592,28 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
             segment boundaries: the last token of a segment predicts the first token of the next one.
         memory_state (`UnifiedARMTMemoryState`, *optional*):
             State returned by a previous call with `use_cache=True`; the input continues that stream.
-        logits_to_keep (`int`, *optional*): if > 0, logits only for the last `logits_to_keep` positions.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            As in transformers: an int k > 0 keeps the logits of the last k positions, a 1D tensor those of the
+            positions it lists (e.g. only where the labels are: the LM head over the other positions is work
+            thrown away in training). With `labels`, the loss covers the next-token targets of the kept
+            positions only (the same loss as without `logits_to_keep` when every labeled token follows a
+            kept position); a `shift_labels` keyword (targets already aligned with the kept logits) overrides.
         """
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         out = self.transformer(input_ids, attention_mask=attention_mask, memory_state=memory_state,
                                inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states, return_dict=True)
         hidden = out.last_hidden_state
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, kept])
         loss = None
         if labels is not None:
-            if attention_mask is not None:  # ignore padding whatever the labels say there
-                labels = labels.masked_fill(attention_mask.to(labels.device) == 0, -100)
-            # Padding sits between a row's real tokens only when it is not left/right padding; the loss shifts in
-            # the packed order, where every row's real tokens are contiguous.
-            packed_logits, packed_labels = logits, labels
-            if attention_mask is not None and not logits_to_keep:
-                order = torch.sort((attention_mask == 0).to(torch.int8), dim=1, stable=True).indices
-                packed_logits = logits.gather(1, order.to(logits.device).unsqueeze(-1).expand_as(logits))
-                packed_labels = labels.gather(1, order.to(labels.device))
-            loss = self.loss_function(packed_logits, packed_labels, vocab_size=self.config.vocab_size, **kwargs)
+            shift_labels = kwargs.pop("shift_labels", None)
+            if shift_labels is None:
+                shift_labels = next_token_targets(labels, attention_mask)[:, kept.to(labels.device)
+                                                                          if torch.is_tensor(kept) else kept].contiguous()
+            loss = self.loss_function(logits, None, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
+                                      **kwargs)
         output = UnifiedARMTCausalLMOutput(loss=loss, logits=logits, memory_state=out.memory_state,
                                            hidden_states=out.hidden_states, attentions=out.attentions,
                                            memory_attentions=out.memory_attentions)

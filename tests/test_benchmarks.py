@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -151,3 +153,37 @@ def test_agency_speed_quick(tmp_path):
                 assert m["slower_than_peer_p"] == (1.0 if m["rounds_slower_than_peer"] == 0 else 0.5**rounds)
             assert 0.5**rounds <= m["slower_than_peer_p"] <= 1.0
     assert len(report["targets"]) == 2 * (3 + 4) and (tmp_path / "agency_speed.png").stat().st_size > 0
+
+
+def test_babilong_training_loss_with_labeled_logits_only_equals_the_full_loss():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from armt_babilong import labeled_logits_inputs
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM
+
+    torch.manual_seed(0)
+    armt = UnifiedARMTForCausalLM(UnifiedARMTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, segment_size=8, num_memory_tokens=2,
+                                                    d_mem=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    full = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    ids = torch.randint(0, 50, (3, 20))
+    mask = torch.ones_like(ids)
+    mask[1, 17:], mask[2, 15:] = 0, 0   # right padding, as TaskCollator does
+    labels = torch.full_like(ids, -100)
+    labels[0, 18:], labels[1, 15:17], labels[2, 14] = ids[0, 18:], ids[1, 15:17], ids[2, 14]
+    inputs = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    kept = labeled_logits_inputs(inputs)
+    assert kept["logits_to_keep"].tolist() == [13, 14, 15, 17, 18]
+    for model in (armt, full):
+        losses, grads = [], []
+        for batch in (inputs, kept):
+            model.zero_grad()
+            out = model(**batch)
+            out.loss.backward()
+            losses.append(out.loss.detach())
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        assert out.logits.shape[1] == 5
+        assert torch.allclose(losses[0], losses[1], atol=1e-6), type(model).__name__
+        assert torch.allclose(grads[0], grads[1], atol=1e-6), type(model).__name__

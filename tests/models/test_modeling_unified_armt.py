@@ -114,6 +114,26 @@ def test_right_padding_and_holes_give_single_row_outputs(tester):
         assert_close(out[1, kept], model(ids[1:2, kept]).logits[0], 1e-5, "hole")
 
 
+def test_logits_to_keep_keeps_positions_and_the_loss_of_their_targets(tester):
+    model, ids = tester.model(), tester.input_ids()
+    mask = torch.ones_like(ids)
+    mask[0, 15:] = 0  # right padding
+    mask[1, 3:6] = 0  # a hole: the loss shifts over it
+    labels = torch.full_like(ids, -100)
+    labels[0, 12:15], labels[1, 18:] = ids[0, 12:15], ids[1, 18:]   # answers, as in the task data
+    labels[1, 6] = ids[1, 6]   # predicted by position 2, across the hole
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, labels=labels)
+        positions = torch.tensor([2, 11, 12, 13, 17, 18, 19])   # every position whose next real token is labeled
+        kept = model(ids, attention_mask=mask, labels=labels, logits_to_keep=positions)
+        assert kept.logits.shape == (2, len(positions), tester.kwargs["vocab_size"])
+        assert_close(kept.logits, full.logits[:, positions], 1e-6, "kept logits")
+        assert torch.allclose(kept.loss, full.loss, atol=1e-6), "same loss when every labeled target is kept"
+        last = model(ids, labels=labels, logits_to_keep=4)   # no mask: targets of positions 17-19 (20 has none)
+        targets = labels[:, 18:].reshape(-1)   # row 0 has none there (-100)
+        expected = torch.nn.functional.cross_entropy(last.logits[:, :3].reshape(-1, last.logits.shape[-1]), targets)
+        assert last.logits.shape[1] == 4 and torch.allclose(last.loss, expected, atol=1e-6)
+
 def test_cache_matches_no_cache_across_segment_boundaries(tester):
     check_cache_matches_no_cache(tester.model(), tester.input_ids(), cache_name="memory_state", prefix=5)
 
