@@ -57,7 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--hidden-size", type=int, default=None, help="default 128 (quick 32)")
     p.add_argument("--layers", type=int, default=None, help="default 4 (quick 1)")
-    p.add_argument("--segment-size", type=int, default=None, help="default 128 (quick 32)")
+    p.add_argument("--segment-size", type=int, default=None,
+                   help="UnifiedARMT's segments at evaluation, and in training unless --stages sets segment_size "
+                        "(default 128, quick 32)")
     p.add_argument("--memory-tokens", type=int, default=16)
     p.add_argument("--heads", type=int, default=4, help="attention heads per layer, both models (default 4)")
     p.add_argument("--stage-lengths", default=None, metavar="N1,N2,...",
@@ -67,7 +69,9 @@ def parse_args(argv=None):
                    help='curriculum as a JSON list of stages, each a dict of BabiLong/BabiTask knobs, e.g. '
                         '\'[{"target_length": 32, "n_facts": 2}, {"target_length": 96}, {"target_length": 512}]\' '
                         '(replaces --stage-lengths; a stage keeps the knobs it does not set from the stage before; '
-                        'the last stage\'s target_length must be --train-length)')
+                        'the last stage\'s target_length must be --train-length). UnifiedARMT also takes '
+                        '"segment_size" per stage (rotary positions only; the full-attention model ignores it): '
+                        'short segments first make memory learnable (see the README)')
     p.add_argument("--advance-at", type=float, default=None, metavar="ACC",
                    help="mastery curriculum: every stage but the last also ends as soon as the accuracy on "
                         "--stage-eval-samples samples of its own length reaches ACC (checked every --eval-every "
@@ -115,6 +119,9 @@ def parse_args(argv=None):
         raise SystemExit(f"--heads {args.heads} must divide --hidden-size {args.hidden_size}")
     if args.stages is not None:
         args.stages = stages_from_json(args.stages, args.train_length)
+        if any("segment_size" in stage for stage in args.stages) and args.position != "rotary":
+            raise SystemExit("--stages: segment_size per stage needs --position rotary (a learned position table "
+                             "has one row per segment position)")
         args.stage_lengths = [stage["target_length"] for stage in args.stages]
     elif args.stage_lengths is None:
         shortest = max(96, args.train_length // 4)  # room for the story's facts (~50 tokens for qa1's 8 facts)
@@ -150,14 +157,22 @@ def stages_from_json(text, train_length):
     complete = []
     for stage in stages:
         complete.append({**(complete[-1] if complete else {}), **stage})
+        segment_size = complete[-1].get("segment_size", 1)
+        if not isinstance(segment_size, int) or isinstance(segment_size, bool) or segment_size < 1:
+            raise SystemExit(f"--stages: segment_size must be a positive integer, got {segment_size!r} in {stage}")
         try:
-            BabiLong().with_difficulty(**complete[-1])
+            BabiLong().with_difficulty(**task_knobs(complete[-1]))
         except (TypeError, ValueError) as err:
             raise SystemExit(f"--stages: stage {stage} is not valid: {err}")
     if complete[-1]["target_length"] != train_length:
         raise SystemExit(f"--stages: the last stage's target_length must be --train-length {train_length}, "
                          f"got {complete[-1]['target_length']}")
     return complete
+
+
+def task_knobs(stage):
+    """A --stages dict without the model's knob (segment_size): what BabiLong.with_difficulty takes."""
+    return {k: v for k, v in stage.items() if k != "segment_size"}
 
 
 def small_tokenizer(vocab_size, task_names, seed=0):
@@ -233,11 +248,21 @@ def train(kind, task, args, tokenizer):
     per_stage = max(1, args.steps // len(lengths))
     mastery = args.advance_at is not None
     # with --advance-at the shares are caps, the last stage runs to the end, and each stage is scored on its length
-    curriculum = task_curriculum(stream, args.stages or [{"target_length": n} for n in lengths],
+    stages = args.stages or [{"target_length": n} for n in lengths]
+    curriculum = task_curriculum(stream, [task_knobs(stage) for stage in stages],
                                  steps_per_stage=[per_stage] * (len(lengths) - 1) + [None if mastery else per_stage],
                                  metric="eval_accuracy" if mastery else None,
                                  thresholds=[args.advance_at] * (len(lengths) - 1) + [None] if mastery else None,
                                  eval_samples=args.stage_eval_samples if mastery else 0)
+    segments_read = []   # (step, segment_size) whenever a stage begins
+    if kind == "armt" and any("segment_size" in stage for stage in stages):
+        for stage, knobs in zip(curriculum.stages, stages):   # the stage also sets the segments UnifiedARMT reads
+            def apply(trainer, task_apply=stage.apply, size=knobs.get("segment_size", args.segment_size)):
+                trainer.model.config.segment_size = size
+                segments_read.append((trainer.state.global_step, size))
+                task_apply(trainer)
+            stage.apply = apply
+            stage.name += f", segment_size={knobs.get('segment_size', args.segment_size)}"
     with tempfile.TemporaryDirectory() as tmp:
         training_args = TrainingArguments(
             output_dir=tmp, max_steps=per_stage * len(lengths), per_device_train_batch_size=args.batch_size,
@@ -256,6 +281,8 @@ def train(kind, task, args, tokenizer):
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
+    if kind == "armt":
+        model.config.segment_size = args.segment_size   # evaluation reads --segment-size
     history = trainer.state.log_history
     return model.eval(), {"train_seconds": round(seconds, 1), "stage_lengths": lengths, "steps": trainer.state.global_step,
                           "stage_history": [{k: h[k] for k in ("name", "reason", "start_step", "end_step")}
@@ -263,6 +290,7 @@ def train(kind, task, args, tokenizer):
                           "eval_accuracy_curve": [(h["step"], h["eval_accuracy"]) for h in history
                                                   if "eval_accuracy" in h],
                           "loss_curve": [h["loss"] for h in history if "loss" in h],
+                          **({"segment_size_from_step": segments_read} if segments_read else {}),
                           "parameters": model.num_parameters()}
 
 

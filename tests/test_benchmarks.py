@@ -107,6 +107,26 @@ def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
     assert (tmp_path / "armt_babilong.png").stat().st_size > 0
 
 
+def test_armt_babilong_stages_can_set_the_segment_size(tmp_path):
+    stages = '[{"target_length": 64, "n_facts": 1, "segment_size": 16}, {"target_length": 256, "segment_size": 24}]'
+    run_script("armt_babilong.py", "--quick", "--vocab-size", "300", "--models", "armt", "--train-length", "256",
+               "--eval-lengths", "256", "--steps", "4", "--position", "rotary", "--stages", stages,
+               "--out", str(tmp_path))
+    (result,) = json.loads((tmp_path / "armt_babilong.json").read_text())["results"]
+    assert result["segment_size_from_step"] == [[0, 16], [2, 24]]
+    assert result["stage_history"][0]["name"] == "target_length=64, n_facts=1, segment_size=16"
+    assert result["eval"][0]["accuracy"] is not None   # evaluated with --segment-size (quick: 32)
+    for bad, says in (("[]", ""), ('[{"target_length": 128, "segment_size": 0}]', "positive integer")):
+        done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong.py"), "--quick",
+                               "--train-length", "128", "--position", "rotary", "--stages", bad,
+                               "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
+        assert done.returncode != 0 and says in done.stderr
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong.py"), "--quick",
+                           "--train-length", "128", "--stages", '[{"target_length": 128, "segment_size": 16}]',
+                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "needs --position rotary" in done.stderr and not (tmp_path / "bad").exists()
+
+
 def test_armt_babilong_custom_curriculum(tmp_path):
     stages = '[{"target_length": 64, "n_facts": 1, "n_questions": 1}, {"target_length": 256, "n_facts": 2}]'
     run_script("armt_babilong.py", "--quick", "--vocab-size", "300", "--models", "armt", "--train-length", "256",
