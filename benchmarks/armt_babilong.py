@@ -9,8 +9,11 @@ curriculum stages up to `--train-length`):
 With `--advance-at` the curriculum is a mastery one: a stage ends as soon as its own accuracy (checked every
 `--eval-every` steps) reaches the threshold, its share of the steps is only a cap (as in `armt_tasks.py`).
 `--stages JSON` sets any story knob per stage besides the length (fewer facts first, several questions per story
-with `n_questions`); `--questions K` asks K questions per training story throughout; `--max-minutes` caps the
-wall-clock training time (the model is then evaluated as usual).
+with `n_questions`) and UnifiedARMT's `segment_size` (rotary positions): from scratch, memory is picked up on short
+segments (16 tokens) and not on 64-token ones in the same number of steps, so a curriculum can start there and widen
+the segments; evaluation reads `--segment-size`. `--questions K` asks K questions per training story throughout;
+`--max-minutes` caps the wall-clock training time (the model is then evaluated as usual). Training computes the LM
+head only where answers are predicted (`logits_to_keep`), evaluation keeps every logit.
 Scoring: exact match of the answer tokens (teacher-forced argmax = greedy decoding) on `--eval-samples` new samples
 per length (seeded, disjoint from training). Target (issue 4): >= 90% on qa1 at 16K for UnifiedARMT.
 

@@ -207,3 +207,17 @@ def test_babilong_training_loss_with_labeled_logits_only_equals_the_full_loss():
         assert out.logits.shape[1] == 5
         assert torch.allclose(losses[0], losses[1], atol=1e-6), type(model).__name__
         assert torch.allclose(grads[0], grads[1], atol=1e-6), type(model).__name__
+
+
+def test_armt_babilong_probe_trains_saves_and_diagnoses(tmp_path):
+    common = ["--vocab-size", "300", "--tokenizer-dir", str(tmp_path / "tok"), "--hidden-size", "32", "--layers", "1",
+              "--heads", "4", "--length", "48", "--samples", "6"]
+    run_script("armt_babilong_probe.py", "train", *common, "--steps", "4", "--eval-every", "2", "--batch-size", "4",
+               "--save", str(tmp_path / "ckpt"), "--out", str(tmp_path / "train.json"))
+    curve = json.loads((tmp_path / "train.json").read_text())["curve"]
+    assert [c["step"] for c in curve] == [2, 4] and all(0 <= c["accuracy"] <= 1 for c in curve)
+    run_script("armt_babilong_probe.py", "diagnose", str(tmp_path / "ckpt"), *common, "--segment-size", "8",
+               "--out", str(tmp_path / "diag.json"))
+    diag = json.loads((tmp_path / "diag.json").read_text())
+    assert sum(d["samples"] for d in diag["by_segments_between"].values()) == 6
+    assert all(int(d) >= 0 for d in diag["by_segments_between"])   # the fact comes before the answer

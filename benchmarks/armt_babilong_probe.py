@@ -1,0 +1,194 @@
+"""Probe: does UnifiedARMT learn to use its memory on BABILong-style qa1, and how far does what it learned reach?
+
+Two modes (both print one JSON line per evaluation and write `--out` JSON atomically):
+
+    # train on BabiLong qa1 samples of one kind (few people/facts, short contexts, short segments), optionally
+    # starting from a checkpoint; accuracy on 200 held-out samples every --eval-every steps; checkpoint saved there
+    python benchmarks/armt_babilong_probe.py train --segment-size 16 --memory-tokens 4 --people 1 --facts 1 \
+        --length 64 --steps 3000 --save probe_ckpt --out probe.json
+    # accuracy of a checkpoint by the number of segments between the asked person's last fact and the answer
+    python benchmarks/armt_babilong_probe.py diagnose probe_ckpt --segment-size 16 --length 256 --people 1 \
+        --facts 1 --samples 200 --out diag.json
+
+The training loop is written out (no Trainer) on purpose: it is the smallest deterministic loop that reproduces the
+session-13 figures in the README (memory pickup depends on the seed), and it computes the LM head only at the answer
+positions. The benchmark proper (`armt_babilong.py`, Trainer + curriculum) takes the same stages through `--stages`
+(with `segment_size`). Tokenizer: the 2,048-id BPE of `armt_babilong.py --vocab-size 2048` (retrained once, cached
+under --tokenizer-dir).
+"""
+
+import argparse
+import collections
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import armada  # noqa: E402,F401
+from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
+from armada.io_utils import atomic_write_text  # noqa: E402
+from armada.tasks import BabiLong, BabiTask, tokenize_sample  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["train", "diagnose"])
+    p.add_argument("checkpoint", nargs="?", help="diagnose: the checkpoint to read")
+    p.add_argument("--segment-size", type=int, default=16)
+    p.add_argument("--memory-tokens", type=int, default=4)
+    p.add_argument("--people", type=int, default=1)
+    p.add_argument("--facts", type=int, default=1)
+    p.add_argument("--length", type=int, default=64, help="context tokens (BabiLong target_length)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--samples", type=int, default=200, help="held-out samples per evaluation / diagnosis")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--init", default=None, help="train: start from this checkpoint")
+    p.add_argument("--save", default=None, help="train: save the model here at every evaluation")
+    p.add_argument("--tokenizer-dir", default=os.path.join(REPO, ".cache", "babilong_tokenizer"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if args.mode == "diagnose" and not args.checkpoint:
+        raise SystemExit("diagnose needs a checkpoint directory")
+    for name in ("segment_size", "memory_tokens", "people", "facts", "length", "steps", "batch_size", "eval_every",
+                 "samples"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    return args
+
+
+def tokenizer(args):
+    from transformers import AutoTokenizer
+
+    path = os.path.join(args.tokenizer_dir, str(args.vocab_size))
+    if not os.path.isdir(path):
+        from armt_babilong import small_tokenizer
+
+        small_tokenizer(args.vocab_size, ["qa1"]).save_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.eos_token
+    return tok
+
+
+def task(args, tok):
+    return BabiLong(babi=BabiTask(task="qa1", n_facts=args.facts, n_people=args.people),
+                    target_length=args.length, tokenizer=tok)
+
+
+def batch(samples, tok):
+    rows = [tokenize_sample(s, tok) for s in samples]
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+    return ids, labels, mask
+
+
+def answer_loss(model, ids, labels, mask):
+    """Cross-entropy on the answer tokens only, and per-row exact match (every answer token right)."""
+    hidden = model.transformer(ids, attention_mask=mask).last_hidden_state
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    where = targets != -100
+    logits = model.lm_head(hidden[where])
+    right = torch.ones_like(where)
+    right[where] = logits.argmax(-1) == targets[where]
+    return F.cross_entropy(logits, targets[where]), right.all(-1)
+
+
+@torch.no_grad()
+def accuracy(model, generator, tok, n, seed):
+    model.eval()
+    rng, correct = random.Random(seed), 0
+    for start in range(0, n, 25):
+        correct += answer_loss(model, *batch([generator.sample(rng) for _ in range(min(25, n - start))], tok))[1].sum()
+    model.train()
+    return correct.item() / n
+
+
+def train(args, tok):
+    torch.manual_seed(args.seed)
+    if args.init:
+        model = UnifiedARMTForCausalLM.from_pretrained(args.init)
+    else:
+        model = UnifiedARMTForCausalLM(UnifiedARMTConfig(
+            vocab_size=len(tok), hidden_size=args.hidden_size, num_hidden_layers=args.layers,
+            num_attention_heads=args.heads, segment_size=args.segment_size, num_memory_tokens=args.memory_tokens,
+            d_mem=64, position_embedding_type="rotary", max_backprop_segments=None, resid_pdrop=0.0,
+            embd_pdrop=0.0, attn_pdrop=0.0))
+    model.config.segment_size = args.segment_size
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    generator, rng, curve, start = task(args, tok), random.Random(args.seed), [], time.perf_counter()
+    for step in range(1, args.steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr * min(1.0, step / 100)   # linear warmup, then constant
+        loss, _ = answer_loss(model, *batch([generator.sample(rng) for _ in range(args.batch_size)], tok))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = accuracy(model, generator, tok, args.samples, seed=10**6 + args.length)
+            curve.append({"step": step, "loss": round(loss.item(), 4), "accuracy": acc,
+                          "seconds": round(time.perf_counter() - start, 1)})
+            print(json.dumps(curve[-1]), flush=True)
+            if args.save:
+                model.save_pretrained(args.save)
+    return {"curve": curve}
+
+
+@torch.no_grad()
+def diagnose(args, tok):
+    """Accuracy by the number of segment boundaries between the asked person's last fact and the answer position."""
+    model = UnifiedARMTForCausalLM.from_pretrained(args.checkpoint).eval()
+    model.config.segment_size = args.segment_size
+    generator, rng = task(args, tok), random.Random(777)
+    by_distance = collections.defaultdict(lambda: [0, 0])
+    for _ in range(args.samples):
+        sample = generator.sample(rng)
+        person = sample["question"].rstrip("?").split()[-1]
+        fact = [f for f in sample["facts"] if f.startswith(person + " ")][-1]
+        offsets = tok(sample["context"], return_offsets_mapping=True)["offset_mapping"]
+        at = sample["context"].rindex(fact)
+        fact_token = next(i for i, (_, end) in enumerate(offsets) if end > at)
+        ids, labels, mask = batch([sample], tok)
+        _, right = answer_loss(model, ids, labels, mask)
+        answer_position = int((labels[0, 1:] != -100).nonzero()[0])
+        distance = answer_position // args.segment_size - fact_token // args.segment_size
+        by_distance[distance][0] += int(right[0])
+        by_distance[distance][1] += 1
+    total = sum(c for c, _ in by_distance.values()) / args.samples
+    result = {"accuracy": total, "by_segments_between": {d: {"correct": c, "samples": n}
+                                                         for d, (c, n) in sorted(by_distance.items())}}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tok = tokenizer(args)
+    result = train(args, tok) if args.mode == "train" else diagnose(args, tok)
+    if args.out:
+        atomic_write_text(args.out, json.dumps({"args": vars(args), **result}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
