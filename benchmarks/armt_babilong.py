@@ -36,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
-from armada.io_utils import atomic_savefig, atomic_write_text  # noqa: E402
+from armada.io_utils import atomic_directory, atomic_savefig, atomic_write_text  # noqa: E402
 from armada.modeling.modeling_unified_armt import next_token_targets  # noqa: E402
 from armada.tasks import BabiLong, BabiTask, TaskCollator, TaskStream, answer_accuracy, build_dataset  # noqa: E402
 from armada.tasks import task_curriculum  # noqa: E402
@@ -44,7 +44,7 @@ from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer  # noqa: E402
 
 PER_PROCESS = {"models", "threads", "out", "add", "max_minutes"}  # may differ between results combined with --add
-ARMT_ONLY = {"segment_size", "memory_tokens", "position"}  # may also differ for an added file without armt results
+ARMT_ONLY = {"segment_size", "memory_tokens", "memory_heads", "position", "init_armt", "save_armt"}  # may also differ for an added file without armt results
 QUESTION_ROOM = 32  # tokens after the context: "\nQuestion: ...\nAnswer: word"
 
 
@@ -64,6 +64,13 @@ def parse_args(argv=None):
                    help="UnifiedARMT's segments at evaluation, and in training unless --stages sets segment_size "
                         "(default 128, quick 32)")
     p.add_argument("--memory-tokens", type=int, default=16)
+    p.add_argument("--memory-heads", type=int, default=1, help="heads of UnifiedARMT's associative memory")
+    p.add_argument("--init-armt", default=None, metavar="DIR",
+                   help="start UnifiedARMT from this checkpoint (save_pretrained directory, e.g. a probe's --save or "
+                        "an earlier run's --save-armt) instead of from scratch: a curriculum can go on where another "
+                        "run stopped. Its width, depth, heads, memory tokens/heads and vocabulary must be the ones "
+                        "asked for here (the full-attention model is built to the same size)")
+    p.add_argument("--save-armt", default=None, metavar="DIR", help="save the trained UnifiedARMT here")
     p.add_argument("--heads", type=int, default=4, help="attention heads per layer, both models (default 4)")
     p.add_argument("--stage-lengths", default=None, metavar="N1,N2,...",
                    help="context tokens of each curriculum stage, increasing, the last one --train-length "
@@ -197,11 +204,24 @@ def small_tokenizer(vocab_size, task_names, seed=0):
 def build_model(kind, args, vocab_size):
     common = dict(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if kind == "armt":
-        return UnifiedARMTForCausalLM(UnifiedARMTConfig(
+        config = UnifiedARMTConfig(
             hidden_size=args.hidden_size, num_hidden_layers=args.layers, num_attention_heads=args.heads,
             segment_size=args.segment_size, num_memory_tokens=args.memory_tokens, d_mem=64,
-            position_embedding_type=args.position,
-            max_backprop_segments=None, **common))
+            num_memory_heads=args.memory_heads, position_embedding_type=args.position,
+            max_backprop_segments=None, **common)
+        if not args.init_armt:
+            return UnifiedARMTForCausalLM(config)
+        model = UnifiedARMTForCausalLM.from_pretrained(args.init_armt)
+        fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_memory_tokens",
+                  "d_mem", "num_memory_heads", "position_embedding_type")
+        differ = [f"{f}={getattr(model.config, f)} (asked {getattr(config, f)})" for f in fields
+                  if getattr(model.config, f) != getattr(config, f)]
+        if differ:
+            raise SystemExit(f"--init-armt {args.init_armt} does not match this run: {', '.join(differ)}; set "
+                             "--hidden-size/--layers/--heads/--memory-tokens/--memory-heads/--position/--vocab-size "
+                             "to the checkpoint's")
+        model.config.segment_size = args.segment_size
+        return model
     return GPT2LMHeadModel(GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=args.heads,
                                       n_positions=args.train_length + QUESTION_ROOM * args.questions, **common))
 
@@ -286,6 +306,9 @@ def train(kind, task, args, tokenizer):
         seconds = time.perf_counter() - start
     if kind == "armt":
         model.config.segment_size = args.segment_size   # evaluation reads --segment-size
+        if args.save_armt:
+            with atomic_directory(args.save_armt) as tmp:
+                model.save_pretrained(tmp)
     history = trainer.state.log_history
     return model.eval(), {"train_seconds": round(seconds, 1), "stage_lengths": lengths, "steps": trainer.state.global_step,
                           "stage_history": [{k: h[k] for k in ("name", "reason", "start_step", "end_step")}

@@ -33,7 +33,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
 import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
-from armada.io_utils import atomic_write_text  # noqa: E402
+from armada.io_utils import atomic_directory, atomic_write_text  # noqa: E402
 from armada.tasks import BabiLong, BabiTask, tokenize_sample  # noqa: E402
 
 
@@ -54,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--hidden-size", type=int, default=64)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--memory-heads", type=int, default=1, help="heads of the associative memory (num_memory_heads)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--init", default=None, help="train: start from this checkpoint")
     p.add_argument("--save", default=None, help="train: save the model here at every evaluation")
@@ -65,7 +66,7 @@ def parse_args(argv=None):
     if args.mode == "diagnose" and not args.checkpoint:
         raise SystemExit("diagnose needs a checkpoint directory")
     for name in ("segment_size", "memory_tokens", "people", "facts", "length", "steps", "batch_size", "eval_every",
-                 "samples"):
+                 "samples", "memory_heads"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -78,7 +79,8 @@ def tokenizer(args):
     if not os.path.isdir(path):
         from armt_babilong import small_tokenizer
 
-        small_tokenizer(args.vocab_size, ["qa1"]).save_pretrained(path)
+        with atomic_directory(path) as tmp:
+            small_tokenizer(args.vocab_size, ["qa1"]).save_pretrained(tmp)
     tok = AutoTokenizer.from_pretrained(path)
     tok.pad_token = tok.eos_token
     return tok
@@ -130,7 +132,7 @@ def train(args, tok):
         model = UnifiedARMTForCausalLM(UnifiedARMTConfig(
             vocab_size=len(tok), hidden_size=args.hidden_size, num_hidden_layers=args.layers,
             num_attention_heads=args.heads, segment_size=args.segment_size, num_memory_tokens=args.memory_tokens,
-            d_mem=64, position_embedding_type="rotary", max_backprop_segments=None, resid_pdrop=0.0,
+            d_mem=64, num_memory_heads=args.memory_heads, position_embedding_type="rotary", max_backprop_segments=None, resid_pdrop=0.0,
             embd_pdrop=0.0, attn_pdrop=0.0))
     model.config.segment_size = args.segment_size
     model.train()
@@ -150,7 +152,8 @@ def train(args, tok):
                           "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(curve[-1]), flush=True)
             if args.save:
-                model.save_pretrained(args.save)
+                with atomic_directory(args.save) as tmp:
+                    model.save_pretrained(tmp)
     return {"curve": curve}
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import torch
+from safetensors.torch import load_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,8 +112,22 @@ def test_armt_babilong_stages_can_set_the_segment_size(tmp_path):
     stages = '[{"target_length": 64, "n_facts": 1, "segment_size": 16}, {"target_length": 256, "segment_size": 24}]'
     run_script("armt_babilong.py", "--quick", "--vocab-size", "300", "--models", "armt", "--train-length", "256",
                "--eval-lengths", "256", "--steps", "4", "--position", "rotary", "--stages", stages,
-               "--out", str(tmp_path))
+               "--save-armt", str(tmp_path / "armt"), "--out", str(tmp_path))
     (result,) = json.loads((tmp_path / "armt_babilong.json").read_text())["results"]
+    # --init-armt goes on from the saved model: with a zero learning rate it ends (and is scored) exactly as saved
+    run_script("armt_babilong.py", "--quick", "--vocab-size", "300", "--models", "armt", "--train-length", "256",
+               "--eval-lengths", "256", "--steps", "2", "--stage-lengths", "256", "--position", "rotary", "--lr", "0",
+               "--init-armt", str(tmp_path / "armt"), "--save-armt", str(tmp_path / "again" / "armt"),
+               "--out", str(tmp_path / "again"))
+    (again,) = json.loads((tmp_path / "again" / "armt_babilong.json").read_text())["results"]
+    assert again["eval"][0]["accuracy"] == result["eval"][0]["accuracy"]
+    saved, resumed = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "armt", tmp_path / "again" / "armt"))
+    assert saved.keys() == resumed.keys() and all(torch.equal(saved[k], resumed[k]) for k in saved)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong.py"), "--quick",
+                           "--vocab-size", "300", "--models", "armt", "--position", "rotary", "--memory-tokens", "8",
+                           "--init-armt", str(tmp_path / "armt"), "--out", str(tmp_path / "bad")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "num_memory_tokens=16 (asked 8)" in done.stderr
     assert result["segment_size_from_step"] == [[0, 16], [2, 24]]
     assert result["stage_history"][0]["name"] == "target_length=64, n_facts=1, segment_size=16"
     assert result["eval"][0]["accuracy"] is not None   # evaluated with --segment-size (quick: 32)
