@@ -382,6 +382,10 @@ class BabiTask(_Task):
     questions every few facts): `questions`/`answers` list them; the last one is `question`/`answer`, drawn as with
     one question (the extra ones are drawn after it, so only a stream's first sample stays the same for a seed);
     `tokenize_sample` labels every answer.
+
+    `distinct_people` (qa1, n_facts <= n_people): every fact is about another person, so the latest fact's place is the
+    answer only when its person is asked: a curriculum stage that makes "answer the most recent place" stop paying off
+    and the person -> place binding learnable (see the README's BABILong notes).
     """
 
     task: str = "qa1"
@@ -390,6 +394,7 @@ class BabiTask(_Task):
     n_locations: int = 6
     n_objects: int = 3
     n_questions: int = 1
+    distinct_people: bool = False
     max_tries: int = 1000
     is_text = True
 
@@ -397,6 +402,11 @@ class BabiTask(_Task):
         if self.task not in BABI_TASKS:
             raise ValueError(f"Unknown bAbI task {self.task!r}; allowed: {', '.join(BABI_TASKS)}.")
         _check_ints(self, 1, "n_people", "n_objects", "n_questions", "max_tries")
+        if self.distinct_people not in (True, False):
+            raise ValueError(f"distinct_people must be True or False, got {self.distinct_people!r}.")
+        if self.distinct_people and (self.task != "qa1" or self.num_facts > self.n_people):
+            raise ValueError(f"distinct_people (every fact about another person) is for qa1 with n_facts <= n_people; "
+                             f"got task={self.task}, n_facts={self.num_facts}, n_people={self.n_people}.")
         if self.task == "qa1" and self.n_questions > self.n_people:
             raise ValueError(f"qa1 asks about distinct people: n_questions must be <= n_people = {self.n_people}, "
                              f"got {self.n_questions}.")
@@ -446,7 +456,8 @@ class BabiTask(_Task):
 
         for _ in range(self.num_facts):
             options = {
-                "move": [(p, loc) for p in people for loc in locations if where.get(p) != loc],
+                "move": [(p, loc) for p in people for loc in locations
+                         if where.get(p) != loc and not (self.distinct_people and p in where)],
                 "grab": [(p, o) for p in where for o in objects
                          if o not in holder and place.get(o, where[p]) == where[p]],   # unseen objects: anywhere
                 "drop": [(p, o) for o, p in holder.items()],

@@ -13,7 +13,9 @@ with `n_questions`) and UnifiedARMT's `segment_size` (rotary positions): from sc
 segments (16 tokens) and not on 64-token ones in the same number of steps, so a curriculum can start there and widen
 the segments; evaluation reads `--segment-size`. `--questions K` asks K questions per training story throughout;
 `--max-minutes` caps the wall-clock training time (the model is then evaluated as usual). Training computes the LM
-head only where answers are predicted (`logits_to_keep`), evaluation keeps every logit.
+head only where answers are predicted (`logits_to_keep`), evaluation keeps every logit. `--save-armt DIR` keeps the
+trained UnifiedARMT and `--init-armt DIR` starts from such a checkpoint (or a probe's), so a curriculum can go on
+across runs and machines; `--device auto` trains and evaluates on a CUDA GPU when there is one.
 Scoring: exact match of the answer tokens (teacher-forced argmax = greedy decoding) on `--eval-samples` new samples
 per length (seeded, disjoint from training). Target (issue 4): >= 90% on qa1 at 16K for UnifiedARMT.
 
@@ -43,7 +45,7 @@ from armada.tasks import task_curriculum  # noqa: E402
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer  # noqa: E402
 
-PER_PROCESS = {"models", "threads", "out", "add", "max_minutes"}  # may differ between results combined with --add
+PER_PROCESS = {"models", "threads", "device", "out", "add", "max_minutes"}  # may differ between results combined with --add
 ARMT_ONLY = {"segment_size", "memory_tokens", "memory_heads", "position", "init_armt", "save_armt"}  # may also differ for an added file without armt results
 QUESTION_ROOM = 32  # tokens after the context: "\nQuestion: ...\nAnswer: word"
 
@@ -106,6 +108,8 @@ def parse_args(argv=None):
                         "train_new_from_iterator on the background text and bAbI stories (a small LM head makes "
                         "CPU training affordable)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: a CUDA GPU when there is one (training through Trainer, evaluation on the same device)")
     p.add_argument("--add", action="append", default=[], metavar="JSON",
                    help="also report the results in this armt_babilong.json, made with the same settings but other "
                         "--models (e.g. the two models trained in parallel, one core each)")
@@ -292,7 +296,7 @@ def train(kind, task, args, tokenizer):
             per_device_eval_batch_size=8, learning_rate=args.lr, warmup_steps=min(100, per_stage),
             lr_scheduler_type=args.lr_scheduler, weight_decay=0.01, max_grad_norm=1.0,
             logging_steps=max(1, args.steps // 20), eval_strategy="steps" if mastery else "no",
-            eval_steps=args.eval_every, save_strategy="no", report_to=[], use_cpu=True, seed=args.seed,
+            eval_steps=args.eval_every, save_strategy="no", report_to=[], use_cpu=args.device == "cpu", seed=args.seed,
             dataloader_num_workers=0)
         trainer = LabeledLogitsTrainer(
             model=model, args=training_args, train_dataset=stream, data_collator=TaskCollator(tokenizer),
@@ -330,8 +334,8 @@ def evaluate(model, kind, task, length, args, tokenizer):
                 "stopped": f"{n_tokens} tokens > n_positions={model.config.n_positions}: full attention cannot read it"}
     correct, start = 0.0, time.perf_counter()
     for ids, labels in zip(data["input_ids"], data["labels"]):  # batch 1: samples differ in length
-        logits = model(torch.tensor([ids]), use_cache=False).logits
-        correct += answer_accuracy(logits, torch.tensor([labels]))
+        logits = model(torch.tensor([ids], device=model.device), use_cache=False).logits
+        correct += answer_accuracy(logits.cpu(), torch.tensor([labels]))
     return {"length": length, "max_tokens": n_tokens, "accuracy": correct / len(data),
             "seconds_per_sample": (time.perf_counter() - start) / len(data)}
 
@@ -348,6 +352,10 @@ def last_stage(result, args):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch (use --device cpu or auto)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.vocab_size:
         tokenizer = small_tokenizer(args.vocab_size, args.tasks.split(","), seed=args.seed)
     else:

@@ -45,6 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--memory-tokens", type=int, default=4)
     p.add_argument("--people", type=int, default=1)
     p.add_argument("--facts", type=int, default=1)
+    p.add_argument("--questions", type=int, default=1,
+                   help="train: questions per story about distinct people, every answer labeled (evaluation asks one)")
+    p.add_argument("--lm-weight", type=float, default=0.0,
+                   help="train: add this times the next-token loss on the context tokens (0: answers only)")
+    p.add_argument("--distinct-people", action="store_true",
+                   help="train: every fact about another person (needs --facts <= --people); evaluation as usual")
     p.add_argument("--length", type=int, default=64, help="context tokens (BabiLong target_length)")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
@@ -60,13 +66,17 @@ def parse_args(argv=None):
     p.add_argument("--save", default=None, help="train: save the model here at every evaluation")
     p.add_argument("--tokenizer-dir", default=os.path.join(REPO, ".cache", "babilong_tokenizer"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
+    if args.distinct_people and args.facts > args.people:
+        raise SystemExit(f"--distinct-people needs --facts <= --people, got {args.facts} > {args.people}")
     if args.mode == "diagnose" and not args.checkpoint:
         raise SystemExit("diagnose needs a checkpoint directory")
     for name in ("segment_size", "memory_tokens", "people", "facts", "length", "steps", "batch_size", "eval_every",
-                 "samples", "memory_heads"):
+                 "samples", "memory_heads", "questions"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -86,9 +96,9 @@ def tokenizer(args):
     return tok
 
 
-def task(args, tok):
-    return BabiLong(babi=BabiTask(task="qa1", n_facts=args.facts, n_people=args.people),
-                    target_length=args.length, tokenizer=tok)
+def task(args, tok, questions=1, distinct_people=False):
+    return BabiLong(babi=BabiTask(task="qa1", n_facts=args.facts, n_people=args.people, n_questions=questions,
+                                  distinct_people=distinct_people), target_length=args.length, tokenizer=tok)
 
 
 def batch(samples, tok):
@@ -103,15 +113,27 @@ def batch(samples, tok):
     return ids, labels, mask
 
 
-def answer_loss(model, ids, labels, mask):
-    """Cross-entropy on the answer tokens only, and per-row exact match (every answer token right)."""
+def to(device, tensors):
+    return [t.to(device) for t in tensors]
+
+
+def answer_loss(model, ids, labels, mask, lm_weight=0.0):
+    """Cross-entropy on the answer tokens, per-row exact match (every answer token right) and the predicted answer
+    tokens. `lm_weight` > 0 adds that times the next-token loss on every other real token (language modelling on
+    the context: a dense signal besides the one answer per sample)."""
     hidden = model.transformer(ids, attention_mask=mask).last_hidden_state
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     where = targets != -100
     logits = model.lm_head(hidden[where])
     right = torch.ones_like(where)
-    right[where] = logits.argmax(-1) == targets[where]
-    return F.cross_entropy(logits, targets[where]), right.all(-1)
+    predicted = logits.argmax(-1)
+    right[where] = predicted == targets[where]
+    loss = F.cross_entropy(logits, targets[where])
+    if lm_weight:
+        context = ~where & (mask.bool() & F.pad(mask[:, 1:], (0, 1)).bool())   # real token followed by a real one
+        next_ids = F.pad(ids[:, 1:], (0, 1))
+        loss = loss + lm_weight * F.cross_entropy(model.lm_head(hidden[context]), next_ids[context])
+    return loss, right.all(-1), predicted
 
 
 @torch.no_grad()
@@ -119,9 +141,10 @@ def accuracy(model, generator, tok, n, seed):
     model.eval()
     rng, correct = random.Random(seed), 0
     for start in range(0, n, 25):
-        correct += answer_loss(model, *batch([generator.sample(rng) for _ in range(min(25, n - start))], tok))[1].sum()
+        correct += answer_loss(model, *to(model.device, batch(
+            [generator.sample(rng) for _ in range(min(25, n - start))], tok)))[1].sum().item()
     model.train()
-    return correct.item() / n
+    return correct / n
 
 
 def train(args, tok):
@@ -135,19 +158,22 @@ def train(args, tok):
             d_mem=64, num_memory_heads=args.memory_heads, position_embedding_type="rotary", max_backprop_segments=None, resid_pdrop=0.0,
             embd_pdrop=0.0, attn_pdrop=0.0))
     model.config.segment_size = args.segment_size
-    model.train()
+    model.to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    generator, rng, curve, start = task(args, tok), random.Random(args.seed), [], time.perf_counter()
+    generator = task(args, tok, args.questions, args.distinct_people)
+    rng, curve, start = random.Random(args.seed), [], time.perf_counter()
+    held_out = task(args, tok)
     for step in range(1, args.steps + 1):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, step / 100)   # linear warmup, then constant
-        loss, _ = answer_loss(model, *batch([generator.sample(rng) for _ in range(args.batch_size)], tok))
+        samples = [generator.sample(rng) for _ in range(args.batch_size)]
+        loss, _, _ = answer_loss(model, *to(args.device, batch(samples, tok)), lm_weight=args.lm_weight)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(model, generator, tok, args.samples, seed=10**6 + args.length)
+            acc = accuracy(model, held_out, tok, args.samples, seed=10**6 + args.length)
             curve.append({"step": step, "loss": round(loss.item(), 4), "accuracy": acc,
                           "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(curve[-1]), flush=True)
@@ -159,27 +185,38 @@ def train(args, tok):
 
 @torch.no_grad()
 def diagnose(args, tok):
-    """Accuracy by the number of segment boundaries between the asked person's last fact and the answer position."""
-    model = UnifiedARMTForCausalLM.from_pretrained(args.checkpoint).eval()
+    """Accuracy by the number of segment boundaries between the asked person's last fact and the answer position, and
+    by whether the asked person is the one in the story's latest fact (a memory whose keys ignore the name returns the
+    latest fact's place for everyone: `wrong_with_latest_place` counts those wrong answers)."""
+    model = UnifiedARMTForCausalLM.from_pretrained(args.checkpoint).to(args.device).eval()
     model.config.segment_size = args.segment_size
     generator, rng = task(args, tok), random.Random(777)
     by_distance = collections.defaultdict(lambda: [0, 0])
+    by_asked = {k: dict.fromkeys(("samples", "correct", "wrong_with_latest_place"), 0)
+                for k in ("latest_fact_person", "other_person")}
     for _ in range(args.samples):
         sample = generator.sample(rng)
         person = sample["question"].rstrip("?").split()[-1]
+        latest_place = sample["facts"][-1].rstrip(".").split()[-1]
         fact = [f for f in sample["facts"] if f.startswith(person + " ")][-1]
         offsets = tok(sample["context"], return_offsets_mapping=True)["offset_mapping"]
         at = sample["context"].rindex(fact)
         fact_token = next(i for i, (_, end) in enumerate(offsets) if end > at)
         ids, labels, mask = batch([sample], tok)
-        _, right = answer_loss(model, ids, labels, mask)
+        _, right, predicted = answer_loss(model, *to(args.device, (ids, labels, mask)))
+        asked = by_asked["latest_fact_person" if sample["facts"][-1].startswith(person + " ") else "other_person"]
+        asked["samples"] += 1
+        asked["correct"] += int(right[0])
+        asked["wrong_with_latest_place"] += int(not right[0] and
+                                                predicted[0].item() == tok(" " + latest_place)["input_ids"][0])
         answer_position = int((labels[0, 1:] != -100).nonzero()[0])
         distance = answer_position // args.segment_size - fact_token // args.segment_size
         by_distance[distance][0] += int(right[0])
         by_distance[distance][1] += 1
     total = sum(c for c, _ in by_distance.values()) / args.samples
     result = {"accuracy": total, "by_segments_between": {d: {"correct": c, "samples": n}
-                                                         for d, (c, n) in sorted(by_distance.items())}}
+                                                         for d, (c, n) in sorted(by_distance.items())},
+              "by_asked_person": by_asked}
     print(json.dumps(result), flush=True)
     return result
 

@@ -236,3 +236,33 @@ def test_armt_babilong_probe_trains_saves_and_diagnoses(tmp_path):
     diag = json.loads((tmp_path / "diag.json").read_text())
     assert sum(d["samples"] for d in diag["by_segments_between"].values()) == 6
     assert all(int(d) >= 0 for d in diag["by_segments_between"])   # the fact comes before the answer
+    asked = diag["by_asked_person"]
+    assert asked["latest_fact_person"]["samples"] == 6 and asked["other_person"]["samples"] == 0   # one person
+    assert asked["latest_fact_person"]["wrong_with_latest_place"] == 0   # the latest place is the answer then
+
+
+def test_armt_babilong_probe_language_modelling_loss():
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    import torch.nn.functional as F
+    from armt_babilong_probe import answer_loss
+
+    from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM
+
+    torch.manual_seed(0)
+    model = UnifiedARMTForCausalLM(UnifiedARMTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=4, segment_size=8, num_memory_tokens=2,
+                                                     d_mem=16)).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 10:] = 0
+    labels = torch.full_like(ids, -100)
+    labels[0, 11], labels[1, 9] = ids[0, 11], ids[1, 9]   # one answer token per row
+    answer_only, right, predicted = answer_loss(model, ids, labels, mask)
+    assert right.shape == (2,) and predicted.shape == (2,)
+    with_lm = answer_loss(model, ids, labels, mask, lm_weight=0.5)[0]
+    logits = model(ids, attention_mask=mask).logits
+    # next-token loss at every real position followed by a real token whose next token is not an answer
+    context = [(0, t) for t in range(10)] + [(1, t) for t in range(8)]
+    lm = F.cross_entropy(torch.stack([logits[b, t] for b, t in context]),
+                         torch.stack([ids[b, t + 1] for b, t in context]))
+    torch.testing.assert_close(with_lm, answer_only + 0.5 * lm)

@@ -322,6 +322,20 @@ def test_babi_several_questions_all_answered_by_replaying_the_story(task):
     assert first["questions"] == [first["question"]] and first["answers"] == [first["answer"]]
 
 
+def test_babi_distinct_people_every_fact_about_another_person():
+    gen = BabiTask("qa1", n_facts=4, n_people=4, distinct_people=True, n_questions=2)
+    for s in gen.generate(40, seed=3):
+        state, parsed = read_story(re.split(r"(?<=\.) ", s["context"]))
+        subjects = [fact.split()[0] for fact in parsed]
+        assert len(set(subjects)) == len(subjects) == 4
+        assert [answer_question(state, q) for q in s["questions"]] == s["answers"]
+    plain = BabiTask("qa1", n_facts=4, n_people=4).generate(40, seed=3)   # without it, people move twice
+    assert any(len({f.split()[0] for f in s["facts"]}) < 4 for s in plain)
+    for bad in (dict(n_facts=5, n_people=4), dict(task="qa2", n_facts=2)):
+        with pytest.raises(ValueError, match="distinct_people .*n_facts <= n_people"):
+            BabiTask(**{"task": "qa1", **bad, "distinct_people": True})
+
+
 def test_tokenize_sample_labels_every_answer_of_several_questions(gpt2_tok):
     sample = BabiTask("qa1", n_questions=3).generate(1, seed=0)[0]
     row = tokenize_sample(sample, gpt2_tok)
