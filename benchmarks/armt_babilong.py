@@ -45,8 +45,9 @@ from armada.tasks import task_curriculum  # noqa: E402
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer  # noqa: E402
 
-PER_PROCESS = {"models", "threads", "device", "out", "add", "max_minutes"}  # may differ between results combined with --add
-ARMT_ONLY = {"segment_size", "memory_tokens", "memory_heads", "position", "init_armt", "save_armt"}  # may also differ for an added file without armt results
+# may differ between results combined with --add; and, for an added file without UnifiedARMT results, ARMT_ONLY too
+PER_PROCESS = {"models", "threads", "device", "out", "add", "max_minutes"}
+ARMT_ONLY = {"segment_size", "memory_tokens", "memory_heads", "position", "init_armt", "save_armt"}
 QUESTION_ROOM = 32  # tokens after the context: "\nQuestion: ...\nAnswer: word"
 
 

@@ -155,8 +155,8 @@ def train(args, tok):
         model = UnifiedARMTForCausalLM(UnifiedARMTConfig(
             vocab_size=len(tok), hidden_size=args.hidden_size, num_hidden_layers=args.layers,
             num_attention_heads=args.heads, segment_size=args.segment_size, num_memory_tokens=args.memory_tokens,
-            d_mem=64, num_memory_heads=args.memory_heads, position_embedding_type="rotary", max_backprop_segments=None, resid_pdrop=0.0,
-            embd_pdrop=0.0, attn_pdrop=0.0))
+            d_mem=64, num_memory_heads=args.memory_heads, position_embedding_type="rotary", max_backprop_segments=None,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     model.config.segment_size = args.segment_size
     model.to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
