@@ -8,6 +8,8 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from armada.tasks import PEOPLE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -239,6 +241,11 @@ def test_armt_babilong_probe_trains_saves_and_diagnoses(tmp_path):
     asked = diag["by_asked_person"]
     assert asked["latest_fact_person"]["samples"] == 6 and asked["other_person"]["samples"] == 0   # one person
     assert asked["latest_fact_person"]["wrong_with_latest_place"] == 0   # the latest place is the answer then
+    assert diag["by_name"] == {"Mary": {"samples": 6, "correct": asked["latest_fact_person"]["correct"]}}
+    run_script("armt_babilong_probe.py", "diagnose", str(tmp_path / "ckpt"), *common, "--segment-size", "8",
+               "--people", "8", "--facts", "3", "--length", "96", "--distinct-people", "--out", str(tmp_path / "diag8.json"))
+    by_name = json.loads((tmp_path / "diag8.json").read_text())["by_name"]
+    assert sum(n["samples"] for n in by_name.values()) == 6 and set(by_name) <= set(PEOPLE)
 
 
 def test_armt_babilong_probe_language_modelling_loss():
