@@ -35,12 +35,18 @@ import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
 from armada.io_utils import atomic_directory, atomic_write_text  # noqa: E402
 from armada.tasks import BabiLong, BabiTask, tokenize_sample  # noqa: E402
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["train", "diagnose"])
     p.add_argument("checkpoint", nargs="?", help="diagnose: the checkpoint to read")
+    p.add_argument("--model", choices=["armt", "full"], default="armt",
+                   help="armt: UnifiedARMT; full: transformers' GPT2LMHeadModel of the same width/depth/heads with full "
+                        "attention (the like-for-like control; --segment-size and the memory flags do not apply)")
+    p.add_argument("--positions", type=int, default=1040,
+                   help="full: its position table (context + question must fit)")
     p.add_argument("--segment-size", type=int, default=16)
     p.add_argument("--memory-tokens", type=int, default=4)
     p.add_argument("--people", type=int, default=1)
@@ -77,7 +83,7 @@ def parse_args(argv=None):
     if args.mode == "diagnose" and not args.checkpoint:
         raise SystemExit("diagnose needs a checkpoint directory")
     for name in ("segment_size", "memory_tokens", "people", "facts", "length", "steps", "batch_size", "eval_every",
-                 "samples", "memory_heads", "questions"):
+                 "samples", "memory_heads", "questions", "positions"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
@@ -114,6 +120,12 @@ def batch(samples, tok):
     return ids, labels, mask
 
 
+def set_segments(model, segment_size):
+    """UnifiedARMT reads in segments of `segment_size`; a full-attention model has none."""
+    if isinstance(model, UnifiedARMTForCausalLM):
+        model.config.segment_size = segment_size
+
+
 def to(device, tensors):
     return [t.to(device) for t in tensors]
 
@@ -122,6 +134,10 @@ def answer_loss(model, ids, labels, mask, lm_weight=0.0):
     """Cross-entropy on the answer tokens, per-row exact match (every answer token right) and the predicted answer
     tokens. `lm_weight` > 0 adds that times the next-token loss on every other real token (language modelling on
     the context: a dense signal besides the one answer per sample)."""
+    positions = getattr(model.config, "n_positions", None)
+    if positions is not None and ids.shape[1] > positions:
+        raise ValueError(f"samples of {ids.shape[1]} tokens do not fit the full-attention model's {positions} positions; "
+                         "raise --positions (a new model) or lower --length")
     hidden = model.transformer(ids, attention_mask=mask).last_hidden_state
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     where = targets != -100
@@ -151,14 +167,19 @@ def accuracy(model, generator, tok, n, seed):
 def train(args, tok):
     torch.manual_seed(args.seed)
     if args.init:
-        model = UnifiedARMTForCausalLM.from_pretrained(args.init)
+        model = AutoModelForCausalLM.from_pretrained(args.init)
+    elif args.model == "full":
+        model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=len(tok), n_positions=args.positions, n_embd=args.hidden_size, n_layer=args.layers,
+            n_head=args.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id))
     else:
         model = UnifiedARMTForCausalLM(UnifiedARMTConfig(
             vocab_size=len(tok), hidden_size=args.hidden_size, num_hidden_layers=args.layers,
             num_attention_heads=args.heads, segment_size=args.segment_size, num_memory_tokens=args.memory_tokens,
             d_mem=64, num_memory_heads=args.memory_heads, position_embedding_type="rotary", max_backprop_segments=None,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    model.config.segment_size = args.segment_size
+    set_segments(model, args.segment_size)
     model.to(args.device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     generator = task(args, tok, args.questions, args.distinct_people)
@@ -191,8 +212,8 @@ def diagnose(args, tok):
     latest fact's place for everyone: `wrong_with_latest_place` counts those wrong answers), and by the asked name (a
     binding learned on a few fixed names serves those names only: train with `--people` above the benchmark's four
     so every story draws its names from a larger pool). `--distinct-people` diagnoses on such stories."""
-    model = UnifiedARMTForCausalLM.from_pretrained(args.checkpoint).to(args.device).eval()
-    model.config.segment_size = args.segment_size
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint).to(args.device).eval()
+    set_segments(model, args.segment_size)
     generator, rng = task(args, tok, distinct_people=args.distinct_people), random.Random(777)
     by_distance = collections.defaultdict(lambda: [0, 0])
     by_asked = {k: dict.fromkeys(("samples", "correct", "wrong_with_latest_place"), 0)

@@ -273,3 +273,17 @@ def test_armt_babilong_probe_language_modelling_loss():
     lm = F.cross_entropy(torch.stack([logits[b, t] for b, t in context]),
                          torch.stack([ids[b, t + 1] for b, t in context]))
     torch.testing.assert_close(with_lm, answer_only + 0.5 * lm)
+
+
+def test_armt_babilong_probe_full_attention_control(tmp_path):
+    common = ["--model", "full", "--vocab-size", "300", "--tokenizer-dir", str(tmp_path / "tok"), "--hidden-size", "32",
+              "--layers", "1", "--heads", "4", "--length", "48", "--samples", "4"]
+    run_script("armt_babilong_probe.py", "train", *common, "--positions", "128", "--steps", "2", "--eval-every", "2",
+               "--batch-size", "4", "--save", str(tmp_path / "full"), "--out", str(tmp_path / "train.json"))
+    config = json.loads((tmp_path / "full" / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_positions"] == 128
+    run_script("armt_babilong_probe.py", "diagnose", str(tmp_path / "full"), *common, "--out", str(tmp_path / "d.json"))
+    assert sum(d["samples"] for d in json.loads((tmp_path / "d.json").read_text())["by_segments_between"].values()) == 4
+    too_long = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong_probe.py"), "diagnose",
+                               str(tmp_path / "full"), *common, "--length", "160"], capture_output=True, text=True)
+    assert too_long.returncode != 0 and "do not fit the full-attention model's 128 positions" in too_long.stderr
