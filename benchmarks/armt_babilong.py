@@ -1,8 +1,8 @@
 """BABILong-style benchmark: train on bAbI facts hidden in background text at <= 1K tokens, evaluate at 1K/4K/16K.
 
-Both models are trained the same way, from scratch, with `CurriculumTrainer` on a `TaskStream` of
-`armada.tasks.BabiLong` samples (GPT-2 BPE; background text from ../shared/data; the context grows over three
-curriculum stages up to `--train-length`):
+Both models are trained the same way (from scratch unless started from a checkpoint) with `CurriculumTrainer` on a
+`TaskStream` of `armada.tasks.BabiLong` samples (GPT-2 BPE; background text from ../shared/data; the context grows
+over three curriculum stages up to `--train-length`):
   - UnifiedARMT (segments of `--segment-size` + memory tokens): any input length;
   - a GPT-2 of the same width/depth/heads with full attention and a position table of the training length plus the
     question: it cannot read longer inputs, which is reported as where it stops.
@@ -15,7 +15,9 @@ the segments; evaluation reads `--segment-size`. `--questions K` asks K question
 `--max-minutes` caps the wall-clock training time (the model is then evaluated as usual). Training computes the LM
 head only where answers are predicted (`logits_to_keep`), evaluation keeps every logit. `--save-armt DIR` keeps the
 trained UnifiedARMT and `--init-armt DIR` starts from such a checkpoint (or a probe's), so a curriculum can go on
-across runs and machines; `--device auto` trains and evaluates on a CUDA GPU when there is one.
+across runs and machines; `--save-full`/`--init-full` do the same for the full-attention model (the control taken
+through the same curriculum: armt_babilong_probe.py --model full), each result names its starting checkpoint
+("init"); `--device auto` trains and evaluates on a CUDA GPU when there is one.
 Scoring: exact match of the answer tokens (teacher-forced argmax = greedy decoding) on `--eval-samples` new samples
 per length (seeded, disjoint from training). Target (issue 4): >= 90% on qa1 at 16K for UnifiedARMT.
 
@@ -46,8 +48,10 @@ from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer  # noqa: E402
 
 # may differ between results combined with --add; and, for an added file without UnifiedARMT results, ARMT_ONLY too
-PER_PROCESS = {"models", "threads", "device", "out", "add", "max_minutes"}
-ARMT_ONLY = {"segment_size", "memory_tokens", "memory_heads", "position", "init_armt", "save_armt"}
+# (checkpoint paths too: each result records the checkpoint it started from as its "init")
+PER_PROCESS = {"models", "threads", "device", "out", "add", "max_minutes", "init_armt", "save_armt", "init_full",
+               "save_full"}
+ARMT_ONLY = {"segment_size", "memory_tokens", "memory_heads", "position"}
 QUESTION_ROOM = 32  # tokens after the context: "\nQuestion: ...\nAnswer: word"
 
 
@@ -74,6 +78,12 @@ def parse_args(argv=None):
                         "run stopped. Its width, depth, heads, memory tokens/heads and vocabulary must be the ones "
                         "asked for here (the full-attention model is built to the same size)")
     p.add_argument("--save-armt", default=None, metavar="DIR", help="save the trained UnifiedARMT here")
+    p.add_argument("--init-full", default=None, metavar="DIR",
+                   help="start the full-attention GPT-2 from this checkpoint (e.g. armt_babilong_probe.py --model full "
+                        "--save, or an earlier run's --save-full): the same curriculum as --init-armt for the "
+                        "like-for-like control. Width, depth, heads and vocabulary must be the ones asked for here; "
+                        "a shorter position table is extended to this run's with new rows")
+    p.add_argument("--save-full", default=None, metavar="DIR", help="save the trained full-attention GPT-2 here")
     p.add_argument("--heads", type=int, default=4, help="attention heads per layer, both models (default 4)")
     p.add_argument("--stage-lengths", default=None, metavar="N1,N2,...",
                    help="context tokens of each curriculum stage, increasing, the last one --train-length "
@@ -227,8 +237,25 @@ def build_model(kind, args, vocab_size):
                              "to the checkpoint's")
         model.config.segment_size = args.segment_size
         return model
-    return GPT2LMHeadModel(GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=args.heads,
-                                      n_positions=args.train_length + QUESTION_ROOM * args.questions, **common))
+    config = GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=args.heads,
+                        n_positions=args.train_length + QUESTION_ROOM * args.questions, **common)
+    if not args.init_full:
+        return GPT2LMHeadModel(config)
+    model = GPT2LMHeadModel.from_pretrained(args.init_full)
+    differ = [f"{f}={getattr(model.config, f)} (asked {getattr(config, f)})"
+              for f in ("vocab_size", "n_embd", "n_layer", "n_head") if getattr(model.config, f) != getattr(config, f)]
+    if differ:
+        raise SystemExit(f"--init-full {args.init_full} does not match this run: {', '.join(differ)}; set "
+                         "--hidden-size/--layers/--heads/--vocab-size to the checkpoint's")
+    if model.config.n_positions < config.n_positions:
+        # rows past the checkpoint's are new: only tokens it could never read reach them
+        table = model.transformer.wpe.weight.data
+        extended = torch.nn.Embedding(config.n_positions, config.n_embd)
+        model._init_weights(extended)
+        extended.weight.data[: table.shape[0]] = table
+        model.transformer.wpe = extended
+        model.config.n_positions = config.n_positions
+    return model
 
 
 def labeled_logits_inputs(inputs):
@@ -311,11 +338,14 @@ def train(kind, task, args, tokenizer):
         seconds = time.perf_counter() - start
     if kind == "armt":
         model.config.segment_size = args.segment_size   # evaluation reads --segment-size
-        if args.save_armt:
-            with atomic_directory(args.save_armt) as tmp:
-                model.save_pretrained(tmp)
+    save = args.save_armt if kind == "armt" else args.save_full
+    if save:
+        with atomic_directory(save) as tmp:
+            model.save_pretrained(tmp)
     history = trainer.state.log_history
-    return model.eval(), {"train_seconds": round(seconds, 1), "stage_lengths": lengths, "steps": trainer.state.global_step,
+    return model.eval(), {"init": args.init_armt if kind == "armt" else args.init_full,
+                          "train_seconds": round(seconds, 1), "stage_lengths": lengths,
+                          "steps": trainer.state.global_step,
                           "stage_history": [{k: h[k] for k in ("name", "reason", "start_step", "end_step")}
                                             for h in trainer.curriculum_history],
                           "eval_accuracy_curve": [(h["step"], h["eval_accuracy"]) for h in history
@@ -373,6 +403,8 @@ def main(argv=None):
             raise SystemExit(f"{path} was made with other settings ({', '.join(differ)}); --add takes only results "
                              f"that differ in {', '.join(sorted(PER_PROCESS))} (and, for a file with no armt "
                              f"result, in the UnifiedARMT-only {', '.join(sorted(ARMT_ONLY))})")
+        for r in other["results"]:   # files made before results recorded their start
+            r.setdefault("init", other["args"].get("init_armt" if r["model"] == "armt" else "init_full"))
         added += other["results"]
     started, results = time.perf_counter(), []
     for task_name in args.tasks.split(","):
@@ -406,6 +438,8 @@ def main(argv=None):
         cells = [f"{e['accuracy']:.1%}" if e["accuracy"] is not None else "cannot (beyond n_positions)"
                  for e in r["eval"]]
         trained = f"{r['steps']} steps, {r['train_seconds'] / 60:.0f} min, last stage {last_stage(r, args)}"
+        if r.get("init"):
+            trained = f"from {os.path.basename(os.path.normpath(r['init']))} + {trained}"
         lines.append(f"| {r['task']} | {r['model']} | {trained} | " + " | ".join(cells) + " |")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)

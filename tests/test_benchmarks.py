@@ -156,7 +156,23 @@ def test_armt_babilong_custom_curriculum(tmp_path):
     common = ["--quick", "--vocab-size", "300", "--train-length", "256", "--eval-lengths", "256", "--steps", "4",
               "--stages", stages]
     run_script("armt_babilong.py", *common, "--models", "full", "--segment-size", "64", "--memory-tokens", "4",
-               "--out", str(tmp_path / "full"))
+               "--save-full", str(tmp_path / "full" / "gpt2"), "--out", str(tmp_path / "full"))
+    # --init-full goes on from it (the control through the same curriculum); with two questions per training story
+    # the position table is longer (256 + 2 x 32): the saved rows are kept, and with lr 0 it scores as saved
+    run_script("armt_babilong.py", *common, "--models", "full", "--questions", "2", "--lr", "0", "--init-full",
+               str(tmp_path / "full" / "gpt2"), "--save-full", str(tmp_path / "again" / "gpt2"),
+               "--out", str(tmp_path / "again"))
+    (full,) = json.loads((tmp_path / "full" / "armt_babilong.json").read_text())["results"]
+    (again,) = json.loads((tmp_path / "again" / "armt_babilong.json").read_text())["results"]
+    assert again["init"] == str(tmp_path / "full" / "gpt2") and full["init"] is None
+    assert again["eval"][0]["accuracy"] == full["eval"][0]["accuracy"]
+    saved, resumed = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "full" / "gpt2", tmp_path / "again" / "gpt2"))
+    assert saved["transformer.wpe.weight"].shape[0] == 288 and resumed["transformer.wpe.weight"].shape[0] == 320
+    assert torch.equal(resumed["transformer.wpe.weight"][:288], saved["transformer.wpe.weight"])
+    done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong.py"), *common, "--models",
+                           "full", "--heads", "2", "--init-full", str(tmp_path / "full" / "gpt2"), "--out",
+                           str(tmp_path / "bad")], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "n_head=4 (asked 2)" in done.stderr and not (tmp_path / "bad").exists()
     run_script("armt_babilong.py", *common, "--models", "", "--add", str(tmp_path / "armt_babilong.json"), "--add",
                str(tmp_path / "full" / "armt_babilong.json"), "--out", str(tmp_path / "both"))
     both = json.loads((tmp_path / "both" / "armt_babilong.json").read_text())
