@@ -34,7 +34,7 @@ import tempfile
 import time
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments, set_seed
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments, set_seed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -118,6 +118,10 @@ def parse_args(argv=None):
                    help="0: GPT-2 BPE (50,257 ids); N: a byte-level BPE of N ids retrained from GPT-2's with "
                         "train_new_from_iterator on the background text and bAbI stories (a small LM head makes "
                         "CPU training affordable)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="load this tokenizer (save_pretrained directory) instead of making one, e.g. the one a "
+                        "checkpoint was trained with when the task changes (armt_babilong_probe.py keeps its "
+                        "qa1 tokenizer under .cache/babilong_tokenizer/<vocab size>); replaces --vocab-size")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: a CUDA GPU when there is one (training through Trainer, evaluation on the same device)")
@@ -216,7 +220,21 @@ def small_tokenizer(vocab_size, task_names, seed=0):
     return tokenizer
 
 
-def build_model(kind, args, vocab_size):
+def question_room(task, args, tokenizer):
+    """Tokens after the context in a training sample: its questions and answers, the longest over 500 stories of
+    every stage (a small vocabulary spells them in more tokens than `QUESTION_ROOM`)."""
+    stages = args.stages or [{"target_length": n} for n in args.stage_lengths]
+    base = BabiLong(babi=task.with_difficulty(n_questions=args.questions), tokenizer=tokenizer)
+    room = 0
+    for stage in stages:
+        stories = base.with_difficulty(**task_knobs(stage)).babi.generate(500, seed=args.seed)
+        tails = [f"\nQuestion: {q}\nAnswer: {a}" for s in stories for q, a in zip(s["questions"], s["answers"])]
+        lengths = iter(tokenizer(tails, add_special_tokens=False)["input_ids"])
+        room = max(room, *(sum(len(next(lengths)) for _ in s["questions"]) for s in stories))
+    return room
+
+
+def build_model(kind, args, vocab_size, room=0):
     common = dict(vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     if kind == "armt":
         config = UnifiedARMTConfig(
@@ -238,7 +256,7 @@ def build_model(kind, args, vocab_size):
         model.config.segment_size = args.segment_size
         return model
     config = GPT2Config(n_embd=args.hidden_size, n_layer=args.layers, n_head=args.heads,
-                        n_positions=args.train_length + QUESTION_ROOM * args.questions, **common)
+                        n_positions=args.train_length + max(QUESTION_ROOM * args.questions, room + 8), **common)
     if not args.init_full:
         return GPT2LMHeadModel(config)
     model = GPT2LMHeadModel.from_pretrained(args.init_full)
@@ -295,7 +313,7 @@ class TimeBudget(TrainerCallback):
 
 def train(kind, task, args, tokenizer):
     set_seed(args.seed)
-    model = build_model(kind, args, len(tokenizer))
+    model = build_model(kind, args, len(tokenizer), room=question_room(task, args, tokenizer) if kind == "full" else 0)
     lengths = args.stage_lengths
     stream = TaskStream(BabiLong(babi=task.with_difficulty(n_questions=args.questions), target_length=lengths[0],
                                  tokenizer=tokenizer), seed=args.seed,
@@ -387,7 +405,12 @@ def main(argv=None):
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch (use --device cpu or auto)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.vocab_size:
+    if args.tokenizer:
+        if not os.path.isfile(os.path.join(args.tokenizer, "tokenizer_config.json")):
+            raise SystemExit(f"--tokenizer {args.tokenizer}: not a saved tokenizer (no tokenizer_config.json there)")
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer.pad_token = tokenizer.eos_token
+    elif args.vocab_size:
         tokenizer = small_tokenizer(args.vocab_size, args.tasks.split(","), seed=args.seed)
     else:
         tokenizer = gpt2_tokenizer()
@@ -417,8 +440,9 @@ def main(argv=None):
     results += [r for r in added if (r["task"], r["model"]) not in {(x["task"], x["model"]) for x in results}]
     report = {"benchmark": "armt_babilong", "quick": args.quick, "args": vars(args), "results": results,
               "data": "bAbI facts from armada.tasks.BabiTask in ../shared/data/tinyshakespeare background",
-              "tokenizer": (f"byte-level BPE with {len(tokenizer)} ids retrained from GPT-2's on the background text "
-                            "and bAbI stories") if args.vocab_size else "GPT-2 BPE",
+              "tokenizer": f"{len(tokenizer)} ids loaded from {args.tokenizer}" if args.tokenizer
+              else (f"byte-level BPE with {len(tokenizer)} ids retrained from GPT-2's on the background text "
+                    "and bAbI stories") if args.vocab_size else "GPT-2 BPE",
               "environment": {"python": platform.python_version(), "torch": torch.__version__},
               "wall_seconds": round(time.perf_counter() - started, 1)}
     os.makedirs(args.out, exist_ok=True)
