@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -458,7 +459,11 @@ def main(argv=None):
              "|---|---|---|" + "---|" * len(args.eval_lengths)]
     for r in results:
         points = [(e["length"], e["accuracy"]) for e in r["eval"] if e["accuracy"] is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{r['task']} {r['model']}")
+        (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{r['task']} {r['model']}")
+        stops = [re.search(r"n_positions=(\d+)", e["stopped"]) for e in r["eval"] if e.get("stopped")]
+        if stops:   # where the full-attention model stops: its position table
+            n = int(stops[0].group(1))
+            ax.axvline(n, color=line.get_color(), linestyle="--", label=f"{r['task']} {r['model']}: stops at {n:,}")
         cells = [f"{e['accuracy']:.1%}" if e["accuracy"] is not None else "cannot (beyond n_positions)"
                  for e in r["eval"]]
         trained = f"{r['steps']} steps, {r['train_seconds'] / 60:.0f} min, last stage {last_stage(r, args)}"
