@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(PY) examples/demo.py
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)

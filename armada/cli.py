@@ -29,8 +29,9 @@ def _calibration_blocks(path: str, block_size: int, n_blocks: int, tokenizer):
 
 
 def _load(path: str):
-    import armada  # noqa: F401  (registers the Auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    import armada  # noqa: F401  (registers the Auto classes)
 
     from .modeling import AgencyGPT2ForCausalLM
 
@@ -80,11 +81,7 @@ def cmd_bench(args, extra):
     runpy.run_path(script, run_name="__main__")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="armada", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_prune_parser(sub):
     p = sub.add_parser("prune", help="physically prune attention heads of a GPT-2 / AgencyGPT2 checkpoint")
     p.add_argument("--model", required=True, help="checkpoint directory or Hub id (GPT-2 or AgencyGPT2)")
     p.add_argument("--level", type=float, required=True, help="fraction of heads to remove, in [0, 1)")
@@ -97,14 +94,30 @@ def main(argv=None):
     p.add_argument("--output", required=True, help="directory to save the pruned model and tokenizer")
     p.set_defaults(func=cmd_prune)
 
+
+def add_report_parser(sub):
     r = sub.add_parser("report", help="print the agency report of an AgencyGPT2 checkpoint")
     r.add_argument("--model", required=True)
     r.add_argument("--per-head", action="store_true", help="include every head's entry")
     r.set_defaults(func=cmd_report)
 
+
+def add_bench_parser(sub):
     b = sub.add_parser("bench", add_help=False, help="run a benchmark (other arguments, --help too, go to the script)")
     b.add_argument("name", choices=sorted(BENCHMARKS))
     b.set_defaults(func=None)
+
+
+# One function per subcommand: each adds its parser and sets `func` (heavy imports stay inside the handlers).
+SUBCOMMANDS = (add_prune_parser, add_report_parser, add_bench_parser)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="armada", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
 
     args, extra = parser.parse_known_args(argv)
     if args.command == "bench":

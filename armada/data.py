@@ -14,7 +14,6 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from .tokenization import gpt2_tokenizer
 
-
 TEXT_SUFFIXES = (".txt", ".text", ".md", ".raw", ".tokens")
 
 

@@ -13,7 +13,6 @@ from typing import Iterable, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-
 DEFAULT_PROMPTS = (
     "The king said",
     "In the beginning of the year",

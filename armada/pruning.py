@@ -17,12 +17,11 @@ Strategies:
 """
 
 import math
-from typing import Iterable, Optional, Union
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-
 
 STRATEGIES = ("random", "magnitude", "entropy", "importance", "l0")
 

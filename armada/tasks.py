@@ -529,7 +529,8 @@ class BabiTask(_Task):
             relations.append((new, d, old) if rng.random() < 0.5 else (old, OPPOSITE[d], new))
         rng.shuffle(relations)
         facts = [f"The {a} is {d} of the {b}." for a, d, b in relations]
-        every = [qa for a, d, b in relations for qa in ((f"What is {d} of the {b}?", a), (f"What is the {a} {d} of?", b))]
+        every = [qa for a, d, b in relations
+                 for qa in ((f"What is {d} of the {b}?", a), (f"What is the {a} {d} of?", b))]
         a, d, b = rng.choice(relations)
         if rng.random() < 0.5:
             return facts, f"What is {d} of the {b}?", a, every
@@ -609,7 +610,8 @@ class BabiLong(_Task):
         """Tokens of every background sentence (as " " + sentence), counted once per tokenizer and file."""
         per_tokenizer = _SENTENCE_COUNTS.setdefault(self._tok(), {})
         if self.background not in per_tokenizer:
-            per_tokenizer[self.background] = self.count_tokens([" " + s for s in _background_sentences(self.background)])
+            sentences = [" " + s for s in _background_sentences(self.background)]
+            per_tokenizer[self.background] = self.count_tokens(sentences)
         return per_tokenizer[self.background]
 
     def _cut(self, sentence: str, n: int) -> str:

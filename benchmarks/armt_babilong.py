@@ -43,8 +43,15 @@ import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
 from armada.io_utils import atomic_directory, atomic_savefig, atomic_write_text  # noqa: E402
 from armada.modeling.modeling_unified_armt import next_token_targets  # noqa: E402
-from armada.tasks import BabiLong, BabiTask, TaskCollator, TaskStream, answer_accuracy, build_dataset  # noqa: E402
-from armada.tasks import task_curriculum  # noqa: E402
+from armada.tasks import (  # noqa: E402
+    BabiLong,
+    BabiTask,
+    TaskCollator,
+    TaskStream,
+    answer_accuracy,
+    build_dataset,
+    task_curriculum,
+)
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer  # noqa: E402
 

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
+
 import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
 from armada.io_utils import atomic_directory, atomic_write_text  # noqa: E402
 from armada.tasks import BabiLong, BabiTask, tokenize_sample  # noqa: E402
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -43,8 +44,9 @@ def parse_args(argv=None):
     p.add_argument("mode", choices=["train", "diagnose"])
     p.add_argument("checkpoint", nargs="?", help="diagnose: the checkpoint to read")
     p.add_argument("--model", choices=["armt", "full"], default="armt",
-                   help="armt: UnifiedARMT; full: transformers' GPT2LMHeadModel of the same width/depth/heads with full "
-                        "attention (the like-for-like control; --segment-size and the memory flags do not apply)")
+                   help="armt: UnifiedARMT; full: transformers' GPT2LMHeadModel of the same width/depth/heads "
+                        "with full attention (the like-for-like control; --segment-size and the memory flags "
+                        "do not apply)")
     p.add_argument("--positions", type=int, default=1040,
                    help="full: its position table (context + question must fit)")
     p.add_argument("--segment-size", type=int, default=16)
@@ -136,8 +138,8 @@ def answer_loss(model, ids, labels, mask, lm_weight=0.0):
     the context: a dense signal besides the one answer per sample)."""
     positions = getattr(model.config, "n_positions", None)
     if positions is not None and ids.shape[1] > positions:
-        raise ValueError(f"samples of {ids.shape[1]} tokens do not fit the full-attention model's {positions} positions; "
-                         "raise --positions (a new model) or lower --length")
+        raise ValueError(f"samples of {ids.shape[1]} tokens do not fit the full-attention model's {positions} "
+                         "positions; raise --positions (a new model) or lower --length")
     hidden = model.transformer(ids, attention_mask=mask).last_hidden_state
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     where = targets != -100

@@ -188,7 +188,8 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     atomic_write_text(os.path.join(args.out, "armt_scaling.json"), json.dumps(report, indent=2))
     plot(results, os.path.join(args.out, "armt_scaling.png"))
-    lines = ["| tokens | UnifiedARMT time (s) | full attention time (s) | UnifiedARMT peak MiB | full attention peak MiB |",
+    lines = ["| tokens | UnifiedARMT time (s) | full attention time (s) | UnifiedARMT peak MiB "
+             "| full attention peak MiB |",
              "|---|---|---|---|---|"]
     for n in args.lengths:
         row = {r["model"]: r for r in results if r["length"] == n}

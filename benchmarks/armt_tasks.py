@@ -54,8 +54,16 @@ sys.path.insert(0, REPO)
 import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
 from armada.io_utils import atomic_savefig, atomic_write_text  # noqa: E402
-from armada.tasks import MemoryRetrieval, MultiHop, PatternReasoning, TaskCollator, TaskStream  # noqa: E402
-from armada.tasks import answer_accuracy, build_dataset, task_curriculum  # noqa: E402
+from armada.tasks import (  # noqa: E402  # noqa: E402
+    MemoryRetrieval,
+    MultiHop,
+    PatternReasoning,
+    TaskCollator,
+    TaskStream,
+    answer_accuracy,
+    build_dataset,
+    task_curriculum,
+)
 from armada.trainers import CurriculumTrainer  # noqa: E402
 
 TARGETS = {"memory_retrieval": 0.95, "pattern_reasoning": 0.90, "multi_hop": 0.99}

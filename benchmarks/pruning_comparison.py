@@ -343,8 +343,8 @@ def main(argv=None):
             student.prune_heads(select_heads(scores[strategy], level))
             recover(args, student.train(), agency, train_blocks, work)
             add("agency_distilled", strategy, level, student, recovery_steps=args.budget["recovery_steps"])
-        snapshots, history = curriculum(args, copy.deepcopy(agency).requires_grad_(True).train(), agency, train_blocks, calibration,
-                                        strategy, work)
+        student = copy.deepcopy(agency).requires_grad_(True).train()
+        snapshots, history = curriculum(args, student, agency, train_blocks, calibration, strategy, work)
         for level, model in sorted(snapshots.items()):
             if level > 0:
                 add("curriculum", strategy, level, model, steps_per_stage=args.budget["stage_steps"])

@@ -2,7 +2,6 @@
 
 from transformers import PretrainedConfig
 
-
 AGENCY_STATES = ("active", "overloaded", "misaligned", "withdrawn")
 
 # optimization_level -> (use_unet_skips, use_baseline_fusion, hybrid_routing)

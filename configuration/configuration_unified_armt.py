@@ -2,7 +2,6 @@
 
 from transformers import PretrainedConfig
 
-
 MEMORY_INITS = ("random", "orthogonal", "embedding_kmeans")
 POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
 DPFP_NU = 3  # DPFP feature map order: phi(x) has 2 * nu * d features for an input of d features

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, TrainingArguments, set_seed
+from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.integrations import get_reporting_integration_callbacks
 
 import armada  # noqa: F401  (registers the Auto classes)
@@ -31,7 +31,6 @@ from armada.trainers import (
     finalize_pruning,
     pruning_curriculum,
 )
-from transformers import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")

@@ -23,7 +23,6 @@ from transformers.utils import logging
 
 from ..configuration.configuration_agency_gpt2 import AGENCY_STATES, AgencyGPT2Config
 
-
 logger = logging.get_logger(__name__)
 
 ACTIVE, OVERLOADED, MISALIGNED, WITHDRAWN = range(4)
@@ -421,8 +420,8 @@ class AgencyGPT2PreTrainedModel(PreTrainedModel):
         base, cfg = self.base_model, self.config
         for layer, idx in heads.items():
             if not 0 <= layer < cfg.n_layer or any(not 0 <= h < cfg.n_head for h in idx):
-                raise ValueError(f"set_consent got layer {layer} heads {list(idx)}; allowed layers 0..{cfg.n_layer - 1}, "
-                                 f"heads 0..{cfg.n_head - 1}.")
+                raise ValueError(f"set_consent got layer {layer} heads {list(idx)}; "
+                                 f"allowed layers 0..{cfg.n_layer - 1}, heads 0..{cfg.n_head - 1}.")
             base.consent[layer, list(idx)] = 1.0 if consent else 0.0
             if consent:
                 restore = base.head_state[layer, list(idx)] == WITHDRAWN

@@ -610,8 +610,8 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
         if labels is not None:
             shift_labels = kwargs.pop("shift_labels", None)
             if shift_labels is None:
-                shift_labels = next_token_targets(labels, attention_mask)[:, kept.to(labels.device)
-                                                                          if torch.is_tensor(kept) else kept].contiguous()
+                columns = kept.to(labels.device) if torch.is_tensor(kept) else kept
+                shift_labels = next_token_targets(labels, attention_mask)[:, columns].contiguous()
             loss = self.loss_function(logits, None, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
                                       **kwargs)
         output = UnifiedARMTCausalLMOutput(loss=loss, logits=logits, memory_state=out.memory_state,

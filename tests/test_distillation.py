@@ -77,10 +77,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path):
     params = []
     for batch_size, accumulation in ((8, 1), (4, 2)):
         student, teacher = gpt2(seed=1), gpt2(seed=2)
-        trainer = DistillationTrainer(model=student, args=args(tmp_path, max_steps=1, per_device_train_batch_size=batch_size,
-                                                               gradient_accumulation_steps=accumulation, learning_rate=0.1,
-                                                               optim="sgd"),
-                                      train_dataset=data, teacher_model=teacher)
+        training_args = args(tmp_path, max_steps=1, per_device_train_batch_size=batch_size,
+                             gradient_accumulation_steps=accumulation, learning_rate=0.1, optim="sgd")
+        trainer = DistillationTrainer(model=student, args=training_args, train_dataset=data, teacher_model=teacher)
         trainer.train()
         params.append(torch.cat([p.detach().flatten() for p in student.parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-5, rtol=1e-4)

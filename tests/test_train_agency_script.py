@@ -48,7 +48,8 @@ def test_two_process_launch_agrees_on_weights(tmp_path, text_file):
 def test_bad_arguments_fail_before_writing(tmp_path, text_file):
     out = tmp_path / "never"
     with pytest.raises(ValueError, match="is not supported"):
-        main(["--output_dir", str(out), "--train_file", text_file, "--max_steps", "1", *TINY, "--report_to", "nonsense"])
+        main(["--output_dir", str(out), "--train_file", text_file, "--max_steps", "1", *TINY,
+              "--report_to", "nonsense"])
     with pytest.raises(ValueError, match="comma-separated fractions"):
         main(["--output_dir", str(out), "--train_file", text_file, "--curriculum_levels", "0,half", *TINY])
     with pytest.raises(FileNotFoundError, match="does not exist"):

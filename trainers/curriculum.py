@@ -52,7 +52,8 @@ class Curriculum:
         by_metric = {}
         for i, stage in enumerate(stages):
             if stage.max_steps is not None and (not isinstance(stage.max_steps, int) or stage.max_steps < 1):
-                raise ValueError(f"Stage {stage.name!r}: max_steps must be a positive integer, got {stage.max_steps!r}.")
+                raise ValueError(f"Stage {stage.name!r}: max_steps must be a positive integer, "
+                                 f"got {stage.max_steps!r}.")
             if (stage.metric is None) != (stage.threshold is None):
                 raise ValueError(f"Stage {stage.name!r}: give both metric and threshold, or neither.")
             if stage.max_steps is None and stage.metric is None and i < len(stages) - 1:

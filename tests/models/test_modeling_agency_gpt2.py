@@ -2,10 +2,6 @@ import tempfile
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
-
-import armada  # noqa: F401  (registers the Auto classes)
-from armada import AgencyGPT2Config, AgencyGPT2ForCausalLM, AgencyGPT2Model
 from model_tester_common import (
     assert_close,
     check_batched_equals_single_with_padding,
@@ -15,6 +11,10 @@ from model_tester_common import (
     check_gradient_flow,
     check_save_load_round_trip,
 )
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig
+
+import armada  # noqa: F401  (registers the Auto classes)
+from armada import AgencyGPT2Config, AgencyGPT2ForCausalLM, AgencyGPT2Model
 
 
 class AgencyGPT2ModelTester:
@@ -139,7 +139,8 @@ def test_from_gpt2_accepts_local_directory_and_gpt2model(tester):
 
 def test_from_gpt2_rejects_other_checkpoints(tester):
     with tempfile.TemporaryDirectory() as tmp:
-        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp)
+        llama = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+        llama.save_pretrained(tmp)
         with pytest.raises(ValueError, match="model_type 'gpt2'"):
             AgencyGPT2ForCausalLM.from_gpt2(tmp)
     with pytest.raises(ValueError, match="expects a GPT2LMHeadModel"):

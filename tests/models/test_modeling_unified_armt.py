@@ -3,11 +3,6 @@ import tempfile
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
-
-import armada  # noqa: F401  (registers the Auto classes)
-from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM, UnifiedARMTMemoryState, UnifiedARMTModel
-from armada.modeling.modeling_unified_armt import dpfp
 from model_tester_common import (
     assert_close,
     check_batched_equals_single_with_padding,
@@ -17,6 +12,11 @@ from model_tester_common import (
     check_gradient_flow,
     check_save_load_round_trip,
 )
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+import armada  # noqa: F401  (registers the Auto classes)
+from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM, UnifiedARMTMemoryState, UnifiedARMTModel
+from armada.modeling.modeling_unified_armt import dpfp
 
 
 class UnifiedARMTModelTester:
