@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-from .io_utils import atomic_directory
+from .io_utils import atomic_directory, check_output_directory
 
 
-def _calibration_blocks(path: str, block_size: int, n_blocks: int, tokenizer):
+def _calibration_blocks(path: str, block_size: int, n_blocks: int, tokenizer, vocab_size: int):
     if not os.path.isfile(path):
         raise SystemExit(f"error: calibration file {path!r} does not exist.")
     with open(path, encoding="utf-8") as f:
@@ -24,8 +24,52 @@ def _calibration_blocks(path: str, block_size: int, n_blocks: int, tokenizer):
     ids = tokenizer(text, return_attention_mask=False)["input_ids"][: block_size * n_blocks]
     if len(ids) < block_size:
         raise SystemExit(f"error: {path!r} has {len(ids)} tokens, fewer than one block of {block_size}.")
+    if max(ids) >= vocab_size:
+        raise SystemExit(f"error: the tokenizer gives ids up to {max(ids)} but the model's vocabulary has {vocab_size} "
+                         "entries: the model was not trained with this tokenizer. Save the model's own tokenizer into "
+                         "its folder (tokenizer.save_pretrained(DIR)); without one armada uses GPT-2's.")
     usable = len(ids) // block_size * block_size
     return list(torch.tensor(ids[:usable]).view(-1, block_size).split(4))
+
+
+def _looks_like_path(name: str) -> bool:
+    """A Hub id is `name` or `org/name`; anything else (absolute, ./, ~, deeper folders) can only be a local path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in
+            name or name.endswith("/"))
+
+
+def check_model_location(name: str):
+    """Fail fast with one line when `name` is neither a usable local checkpoint folder nor a model on the Hub.
+
+    A local folder is checked on the spot (config.json present, safetensors files complete). A name that can only
+    be a path and does not exist is reported at once; a possible Hub id is looked up in the local cache, then with a
+    single Hub request, instead of transformers' retries (about 27 s without a network) before its error."""
+    from .io_utils import check_checkpoint_folder
+
+    if os.path.isdir(name):
+        return check_checkpoint_folder(name)
+    if os.path.exists(name):
+        raise SystemExit(f"error: {name!r} is a file; --model takes a checkpoint folder or a Hub model id.")
+    if _looks_like_path(name):
+        raise SystemExit(f"error: model folder {name!r} does not exist.")
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
+
+    try:
+        if isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return
+    except HFValidationError:
+        raise SystemExit(f"error: model folder {name!r} does not exist (and it is not a valid Hub model id).")
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit(f"error: no folder {name!r} here, and no Hub model of that name in the cache (HF_HUB_OFFLINE "
+                         "is set, so the Hub was not asked).")
+    try:
+        HfApi().model_info(name, timeout=10)
+    except RepositoryNotFoundError:
+        raise SystemExit(f"error: no folder {name!r} here, and no model {name!r} on the Hub.")
+    except OSError as error:  # requests' ConnectionError and timeouts are OSErrors
+        raise SystemExit(f"error: no folder {name!r} here, and the Hub cannot be reached to look for a model of that "
+                         f"name ({type(error).__name__}).")
 
 
 def _load(path: str):
@@ -35,6 +79,7 @@ def _load(path: str):
 
     from .modeling import AgencyGPT2ForCausalLM
 
+    check_model_location(path)
     if AutoConfig.from_pretrained(path).model_type == "gpt2":
         return AgencyGPT2ForCausalLM.from_gpt2(path)
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -43,23 +88,53 @@ def _load(path: str):
     return model
 
 
-def cmd_prune(args):
-    from .pruning import prune
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _tokenizer(path: str):
+    """(tokenizer, source): the checkpoint's own tokenizer when it has one, else GPT-2's BPE (`source` says which)."""
+    from transformers import AutoTokenizer
+
     from .tokenization import gpt2_tokenizer
 
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+            return AutoTokenizer.from_pretrained(path), "checkpoint"
+        return gpt2_tokenizer(), "gpt2 (the checkpoint has none)"
+    try:
+        return AutoTokenizer.from_pretrained(path), "checkpoint"
+    except (OSError, ValueError):
+        return gpt2_tokenizer(), "gpt2 (the checkpoint has none)"
+
+
+def cmd_prune(args):
+    from .pruning import prune
+
     model = _load(args.model).eval()
-    tokenizer = gpt2_tokenizer()
+    tokenizer, tokenizer_source = _tokenizer(args.model)
+    vocab_size = model.config.vocab_size
     data = None
     if args.strategy in ("entropy", "importance", "l0"):
         if not args.data:
             raise SystemExit(f"error: strategy {args.strategy!r} needs --data (a text file for calibration).")
-        data = _calibration_blocks(args.data, args.block_size, args.calibration_blocks, tokenizer)
+        data = _calibration_blocks(args.data, args.block_size, args.calibration_blocks, tokenizer, vocab_size)
+    save_tokenizer = tokenizer_source == "checkpoint" or len(tokenizer) <= vocab_size
+    inputs = [p for p in (args.model, args.data) if p and os.path.exists(p)]
+    check_output_directory(args.output, args.overwrite, inputs)  # before the (slow) scoring, not after it
+    already = int(model.pruned_head_mask().sum())
     selection = prune(model, args.level, args.strategy, data, per_layer=args.per_layer, seed=args.seed)
-    with atomic_directory(args.output) as tmp:
+    with atomic_directory(args.output, overwrite=args.overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    print(json.dumps({"pruned": {str(k): v for k, v in selection.items()},
-                      "heads_per_layer": model.num_heads_per_layer(), "output": args.output}))
+        if save_tokenizer:
+            tokenizer.save_pretrained(tmp)
+    result = {"pruned": {str(k): v for k, v in selection.items()}, "heads_per_layer": model.num_heads_per_layer(),
+              "output": args.output, "tokenizer": tokenizer_source if save_tokenizer else "none saved (GPT-2's does "
+              f"not fit the model's vocabulary of {vocab_size})"}
+    if not selection:
+        total = model.config.n_layer * model.config.n_head
+        result["note"] = (f"nothing pruned: {already} of {total} heads were already pruned, which meets --level "
+                          f"{args.level} (levels count from the original model's heads, so re-pruning only goes up).")
+    print(json.dumps(result))
 
 
 def cmd_report(args):
@@ -73,6 +148,12 @@ BENCHMARKS = {"pruning": "pruning_comparison.py", "speed": "agency_speed.py"}
 def cmd_bench(args, extra):
     import runpy
 
+    if args.name is None:
+        usage = f"usage: armada bench {{{','.join(sorted(BENCHMARKS))}}} [script arguments, --help for them]"
+        if extra and extra[0] in ("-h", "--help"):
+            print(usage + "\n\n" + "\n".join(f"  {k:<10} benchmarks/{v}" for k, v in sorted(BENCHMARKS.items())))
+            return 0
+        raise SystemExit(f"{usage}\nerror: name a benchmark: {', '.join(sorted(BENCHMARKS))}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = os.path.join(root, "benchmarks", BENCHMARKS[args.name])
     if not os.path.isfile(script):
@@ -91,7 +172,9 @@ def add_prune_parser(sub):
     p.add_argument("--calibration-blocks", type=int, default=32)
     p.add_argument("--per-layer", action="store_true", help="prune the same fraction in every layer")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", required=True, help="directory to save the pruned model and tokenizer")
+    p.add_argument("--output", required=True, help="directory to save the pruned model and tokenizer (new, or an "
+                   "earlier armada output / the --model folder itself with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output (see armada.io_utils)")
     p.set_defaults(func=cmd_prune)
 
 
@@ -104,7 +187,7 @@ def add_report_parser(sub):
 
 def add_bench_parser(sub):
     b = sub.add_parser("bench", add_help=False, help="run a benchmark (other arguments, --help too, go to the script)")
-    b.add_argument("name", choices=sorted(BENCHMARKS))
+    b.add_argument("name", nargs="?", choices=sorted(BENCHMARKS))
     b.set_defaults(func=None)
 
 
@@ -124,10 +207,12 @@ def main(argv=None):
         return cmd_bench(args, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from safetensors import SafetensorError
+
     try:
         args.func(args)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
+    except (ValueError, OSError, SafetensorError) as error:  # bad input, missing/broken files: one line, exit 1
+        raise SystemExit(f"error: {' '.join(str(error).split())}")
 
 
 if __name__ == "__main__":

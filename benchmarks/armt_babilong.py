@@ -366,7 +366,7 @@ def train(kind, task, args, tokenizer):
         model.config.segment_size = args.segment_size   # evaluation reads --segment-size
     save = args.save_armt if kind == "armt" else args.save_full
     if save:
-        with atomic_directory(save) as tmp:
+        with atomic_directory(save, overwrite=True) as tmp:
             model.save_pretrained(tmp)
     history = trainer.state.log_history
     return model.eval(), {"init": args.init_armt if kind == "armt" else args.init_full,

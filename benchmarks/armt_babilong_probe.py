@@ -202,7 +202,7 @@ def train(args, tok):
                           "seconds": round(time.perf_counter() - start, 1)})
             print(json.dumps(curve[-1]), flush=True)
             if args.save:
-                with atomic_directory(args.save) as tmp:
+                with atomic_directory(args.save, overwrite=True) as tmp:
                     model.save_pretrained(tmp)
     return {"curve": curve}
 

@@ -1,6 +1,7 @@
 """AgencyGPT2 configuration."""
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
 
 AGENCY_STATES = ("active", "overloaded", "misaligned", "withdrawn")
 
@@ -126,7 +127,7 @@ class AgencyGPT2Config(PretrainedConfig):
         if kwargs.pop("add_cross_attention", False):
             raise ValueError("add_cross_attention=True is not supported by AgencyGPT2; allowed: False.")
         for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-                    "summary_first_dropout"):
+                    "summary_first_dropout", "n_ctx"):
             kwargs.pop(key, None)
 
         for name, value in (("vocab_size", vocab_size), ("n_positions", n_positions), ("n_embd", n_embd),
@@ -202,6 +203,7 @@ class AgencyGPT2Config(PretrainedConfig):
         self.regrowth_threshold = float(regrowth_threshold)
         self.regrowth_gate = float(regrowth_gate)
 
+        _warn_unknown_keys(self, kwargs)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         # Set after the base class, which has its own (v4-only) handling of this field.
         self.pruned_heads = self._validated_pruned_heads(pruned_heads or {})
@@ -229,3 +231,16 @@ class AgencyGPT2Config(PretrainedConfig):
 
 
 __all__ = ["AgencyGPT2Config", "AGENCY_STATES", "OPTIMIZATION_LEVELS"]
+
+
+def _warn_unknown_keys(config, kwargs):
+    """Warn about keys neither this config nor `PretrainedConfig` knows: a misspelled field in a config.json would
+    otherwise load silently (and be ignored by the model)."""
+    known = set(PretrainedConfig().to_dict()) | set(config.attribute_map) | {
+        "torch_dtype", "name_or_path", "attn_implementation", "_commit_hash", "num_labels", "auto_map",
+        "gradient_checkpointing", "_attn_implementation_autoset"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        logging.get_logger(__name__).warning(
+            f"{type(config).__name__}: unknown keys {unknown} (not fields of this config, so the model ignores them; "
+            "misspelled?).")

@@ -1,6 +1,7 @@
 """UnifiedARMT configuration."""
 
 from transformers import PretrainedConfig
+from transformers.utils import logging
 
 MEMORY_INITS = ("random", "orthogonal", "embedding_kmeans")
 POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
@@ -149,6 +150,7 @@ class UnifiedARMTConfig(PretrainedConfig):
         self.memory_eps = memory_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
+        _warn_unknown_keys(self, kwargs)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
@@ -168,3 +170,16 @@ class UnifiedARMTConfig(PretrainedConfig):
     @property
     def memory_value_dim(self):
         return self.hidden_size // self.num_memory_heads
+
+
+def _warn_unknown_keys(config, kwargs):
+    """Warn about keys neither this config nor `PretrainedConfig` knows: a misspelled field in a config.json would
+    otherwise load silently (and be ignored by the model)."""
+    known = set(PretrainedConfig().to_dict()) | set(config.attribute_map) | {
+        "torch_dtype", "name_or_path", "attn_implementation", "_commit_hash", "num_labels", "auto_map",
+        "gradient_checkpointing", "_attn_implementation_autoset"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        logging.get_logger(__name__).warning(
+            f"{type(config).__name__}: unknown keys {unknown} (not fields of this config, so the model ignores them; "
+            "misspelled?).")

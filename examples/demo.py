@@ -239,7 +239,7 @@ def print_table(rows, eval_names, baseline="gpt2 (unpruned)"):
 
 def reload_and_generate(best, best_name, tokenizer, args):
     """Save atomically, reload through the Auto classes, check the logits and generate."""
-    with atomic_directory(args.output_dir) as tmp:  # temp dir beside it, old result removed, then os.replace
+    with atomic_directory(args.output_dir, overwrite=True) as tmp:  # replaces only its own earlier output
         best.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     print(f"saved {best_name} + tokenizer to {args.output_dir}: {sorted(os.listdir(args.output_dir))}")

@@ -3,7 +3,16 @@ or both. Runs as a script or under accelerate:
 
     python examples/train_agency.py --output_dir runs/agency --max_steps 200
     python examples/train_agency.py --output_dir runs/agency --distill --curriculum_levels 0,0.3,0.5,0.7
-    accelerate launch --num_processes 2 --cpu examples/train_agency.py --output_dir runs/ddp --max_steps 50
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        examples/train_agency.py --output_dir runs/ddp --max_steps 50 --use_cpu
+    python examples/train_agency.py --output_dir runs/agency --max_steps 200 --save_steps 50 \
+        --resume_from_checkpoint last
+
+The accelerate command starts two processes on the CPU: `--multi_gpu` launches them through torchrun and
+`--use_cpu` makes `Trainer` train with DDP over gloo (accelerate's own `--cpu` flag starts a single process unless
+MPI is set up). `--resume_from_checkpoint` takes a `checkpoint-N` folder, or `True`/`last` for the newest checkpoint
+in --output_dir. With a curriculum, training ends when the last stage's budget is spent (stages x
+--steps_per_stage); a --max_steps that differs is reported at the start.
 
 Without --model_name_or_path a GPT-2 of the given size is built from scratch (GPT-2 tokenizer, from local files).
 Training text defaults to ../shared/data/tinyshakespeare/input.txt; any text file, folder or `datasets` Hub id works.
@@ -18,6 +27,8 @@ from typing import Optional
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.integrations import get_reporting_integration_callbacks
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
 
 import armada  # noqa: F401  (registers the Auto classes)
 from armada import AgencyGPT2ForCausalLM
@@ -32,6 +43,7 @@ from armada.trainers import (
     pruning_curriculum,
 )
 
+logger = logging.get_logger("train_agency")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_TEXT = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
 
@@ -87,6 +99,40 @@ def build_model(model_args: ModelArguments) -> AgencyGPT2ForCausalLM:
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
 
 
+def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
+    """--resume_from_checkpoint as `Trainer` users expect: a checkpoint folder, or True/last for the newest
+    `checkpoint-N` in output_dir; a clear error (before any work) for anything else."""
+    if value is None or value.lower() in ("", "false", "none"):
+        return None
+    if value.lower() in ("true", "last"):
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ValueError(f"--resume_from_checkpoint {value}: --output_dir {output_dir} holds no checkpoint-N "
+                             "folder to resume from.")
+        return last
+    if not os.path.isdir(value):
+        raise ValueError(f"--resume_from_checkpoint {value!r}: no such folder; give a checkpoint folder "
+                         "(OUTPUT_DIR/checkpoint-N) or True/last for the newest one in --output_dir.")
+    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        raise ValueError(f"--resume_from_checkpoint {value!r} has no trainer_state.json, so it is not a Trainer "
+                         "checkpoint (those are the OUTPUT_DIR/checkpoint-N folders); to start a new run from a saved "
+                         "model, pass it as --model_name_or_path.")
+    return value
+
+
+def curriculum_budget_note(n_stages: int, steps_per_stage: int, max_steps: int) -> Optional[str]:
+    """What a --max_steps that differs from the curriculum's budget (stages x steps per stage) really does."""
+    total = n_stages * steps_per_stage
+    if max_steps <= 0 or max_steps == total:
+        return None
+    if max_steps > total:
+        return (f"the curriculum ({n_stages} stages x {steps_per_stage} steps) ends training after {total} steps, "
+                f"not --max_steps {max_steps}; for {max_steps} steps give --steps_per_stage "
+                f"{-(-max_steps // n_stages)} (or --max_steps {total}).")
+    return (f"--max_steps {max_steps} stops training in stage {max_steps // steps_per_stage + 1} of {n_stages} "
+            f"({n_stages} stages x {steps_per_stage} steps = {total}); the later stages never run.")
+
+
 def weights_digest(model) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -106,6 +152,13 @@ def main(argv=None):
         except ValueError:
             raise ValueError(f"--curriculum_levels must be comma-separated fractions, got "
                              f"{agency_args.curriculum_levels!r}") from None
+    resume = resolve_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    notes = []
+    if levels is not None:
+        note = curriculum_budget_note(len(levels), agency_args.steps_per_stage, training_args.max_steps)
+        if note:
+            logger.warning(note)
+            notes.append(note)
     set_seed(training_args.seed)
 
     tokenizer = gpt2_tokenizer(model_max_length=model_args.n_positions)
@@ -140,7 +193,7 @@ def main(argv=None):
         trainer_cls = DistillationTrainer if teacher is not None else Trainer
 
     trainer = trainer_cls(**kwargs)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate()
     if levels is not None and agency_args.finalize:
         metrics["pruned_heads"] = {str(k): v for k, v in finalize_pruning(model).items()}
@@ -149,7 +202,7 @@ def main(argv=None):
         trainer.save_model(os.path.join(training_args.output_dir, "final"))
     rank = training_args.process_index
     summary = {"rank": rank, "world_size": training_args.world_size, "weights_sha256": weights_digest(model),
-               "metrics": metrics, "global_step": trainer.state.global_step}
+               "metrics": metrics, "global_step": trainer.state.global_step, "notes": notes}
     atomic_write_text(os.path.join(training_args.output_dir, f"summary_rank{rank}.json"),
                       json.dumps(summary, indent=2, default=str))
     if trainer.is_world_process_zero():

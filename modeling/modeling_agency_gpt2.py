@@ -7,6 +7,7 @@ Python loop over heads on the forward path.
 """
 
 import math
+import os
 from typing import Callable, Optional, Union
 
 import torch
@@ -30,6 +31,30 @@ ACTIVE, OVERLOADED, MISALIGNED, WITHDRAWN = range(4)
 
 def _is_tracing() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+def _check_inputs(input_ids, inputs_embeds, attention_mask, past_length=0):
+    """Clear errors for an empty input and for a 2-D attention_mask whose shape is not (batch, past + input length)
+    (instead of a reshape or index error deep inside, or a mask silently applied to the wrong positions)."""
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if tokens is None or _is_tracing():
+        return
+    batch, length = tokens.shape[:2]
+    if length == 0:
+        raise ValueError(f"The input has no tokens (input shape {tuple(tokens.shape)}); give at least one token.")
+    if attention_mask is not None and attention_mask.dim() == 2 and \
+            tuple(attention_mask.shape) != (batch, past_length + length):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must be (batch, past + input "
+                         f"length) = ({batch}, {past_length + length}) for this input and cache.")
+
+
+def _broken_weights_error(error, pretrained_model_name_or_path):
+    """safetensors' own error for an empty or truncated file ("incomplete metadata ...") names no file: name it."""
+    path = os.fspath(pretrained_model_name_or_path)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
+    where = os.path.join(path, files[0]) if len(files) == 1 else f"a .safetensors file of {path}"
+    return OSError(f"{where} looks truncated or corrupt ({error}); an interrupted save or download? Save the model "
+                   "again, or download it again (from_pretrained(..., force_download=True)).")
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -233,6 +258,15 @@ class AgencyGPT2PreTrainedModel(PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
     _keys_to_ignore_on_load_unexpected = [r"\.attn\.bias$", r"\.attn\.masked_bias$"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise _broken_weights_error(error, pretrained_model_name_or_path) from error
 
     def _init_weights(self, module):
         std = self.config.initializer_range
@@ -574,6 +608,7 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
             while len(past_key_values.layers) < 2 * cfg.n_layer:  # cache slots for the baseline's blocks
                 past_key_values.layers.append(DynamicLayer())
         past_len = past_key_values.get_seq_length(self._first_attending_layer()) if past_key_values is not None else 0
+        _check_inputs(input_ids, inputs_embeds, attention_mask, past_len)
         if past_len + seq_len > cfg.n_positions:
             raise ValueError(
                 f"Sequence length {past_len + seq_len} (cache {past_len} + input {seq_len}) exceeds n_positions="
@@ -782,6 +817,10 @@ class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
         return model
 
     @torch.no_grad()
+    def generate(self, inputs=None, *args, **kwargs):
+        _check_inputs(inputs if inputs is not None else kwargs.get("input_ids"), None, kwargs.get("attention_mask"))
+        return super().generate(inputs, *args, **kwargs)
+
     def load_baseline(self, gpt2):
         """Copy an (unpruned) GPT-2's weights into the frozen baseline used by fusion / hybrid routing."""
         baseline = self.transformer.baseline

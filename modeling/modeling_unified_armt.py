@@ -27,6 +27,7 @@ are put back where they came from, so a padded row gives the same logits as the 
 """
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
 
@@ -142,6 +143,24 @@ class UnifiedARMTAssociativeMemory(nn.Module):
             gamma = 1.0
         z = z + (gamma * phi).sum(dim=-2)
         return A, z
+
+
+def _check_inputs(input_ids, inputs_embeds, attention_mask):
+    """A clear error for an attention_mask whose shape is not the input's (batch, length): it would silently cut
+    the input to the mask's length, or fail with an index error."""
+    tokens = input_ids if input_ids is not None else inputs_embeds
+    if attention_mask is not None and tokens is not None and tuple(attention_mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; it must be the input's (batch, "
+                         f"length) = {tuple(tokens.shape[:2])}.")
+
+
+def _broken_weights_error(error, pretrained_model_name_or_path):
+    """safetensors' own error for an empty or truncated file ("incomplete metadata ...") names no file: name it."""
+    path = os.fspath(pretrained_model_name_or_path)
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
+    where = os.path.join(path, files[0]) if len(files) == 1 else f"a .safetensors file of {path}"
+    return OSError(f"{where} looks truncated or corrupt ({error}); an interrupted save or download? Save the model "
+                   "again, or download it again (from_pretrained(..., force_download=True)).")
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
@@ -297,6 +316,15 @@ class UnifiedARMTPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
     _is_stateful = True  # own state object instead of a transformers Cache
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise _broken_weights_error(error, pretrained_model_name_or_path) from error
+
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
@@ -445,6 +473,7 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
                 raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got values in "
                                  f"[{int(input_ids.min())}, {int(input_ids.max())}]")
 
+        _check_inputs(input_ids, inputs_embeds, attention_mask)
         tokens, lengths, order = self._pack(input_ids, inputs_embeds, attention_mask)
         batch, length = tokens.shape[:2]
         device = tokens.device
@@ -612,6 +641,8 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
             if shift_labels is None:
                 columns = kept.to(labels.device) if torch.is_tensor(kept) else kept
                 shift_labels = next_token_targets(labels, attention_mask)[:, columns].contiguous()
+            # mean over the real targets; with none (e.g. an all-zeros mask) the loss is 0, not 0 / 0 = NaN
+            kwargs.setdefault("num_items_in_batch", (shift_labels != -100).sum().clamp(min=1))
             loss = self.loss_function(logits, None, vocab_size=self.config.vocab_size, shift_labels=shift_labels,
                                       **kwargs)
         output = UnifiedARMTCausalLMOutput(loss=loss, logits=logits, memory_state=out.memory_state,

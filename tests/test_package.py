@@ -41,14 +41,14 @@ def test_tokenizer_padding_side_and_save(tmp_path):
 
 
 def test_atomic_directory_leaves_nothing_on_error(tmp_path):
-    from armada.io_utils import atomic_directory
+    from armada.io_utils import MARKER, atomic_directory
 
     target = tmp_path / "out"
     with atomic_directory(str(target)) as tmp:
-        (tmp_path / "out").exists() or open(f"{tmp}/a.txt", "w").write("first")
-    assert (target / "a.txt").read_text() == "first"
+        open(f"{tmp}/a.txt", "w").write("first")
+    assert (target / "a.txt").read_text() == "first" and (target / MARKER).is_file()
     with pytest.raises(RuntimeError):
-        with atomic_directory(str(target)) as tmp:
+        with atomic_directory(str(target), overwrite=True) as tmp:
             open(f"{tmp}/a.txt", "w").write("second")
             raise RuntimeError("interrupted")
     assert (target / "a.txt").read_text() == "first", "a failed write must not touch the previous result"
