@@ -1,9 +1,14 @@
 """The `armada` command line.
 
-    armada prune --model DIR --level 0.5 --strategy importance --data text.txt --output DIR
+    armada prune --model DIR --level 0.5 --strategy importance --data text.txt --output DIR [--overwrite]
     armada report --model DIR
     armada bench pruning [--quick]      (benchmarks/pruning_comparison.py, from a source checkout)
     armada bench speed [--quick]        (benchmarks/agency_speed.py)
+
+--model is a checkpoint folder or a Hub id; the checkpoint's own tokenizer is used and saved with the output when
+it has one (else GPT-2's BPE). --output must be new or empty; --overwrite replaces an earlier armada output or the
+--model folder itself, never a folder holding other files (see `armada.io_utils.atomic_directory`). Every error is
+one line on stderr with exit status 1.
 """
 
 import argparse

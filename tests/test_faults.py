@@ -3,6 +3,7 @@
 Training and pruning are killed with SIGKILL from inside the process (a callback / a save that kills its own
 process right after a checkpoint or a partial save), so the point of death is deterministic."""
 
+import ast
 import json
 import logging
 import os
@@ -80,23 +81,35 @@ def gpt2_dir(tmp_path_factory):
 
 
 def _train(out, text_file, *extra, kill_at=None):
+    """Start examples/train_agency.py (killed with SIGKILL once checkpoint-KILL_AT is saved, if given)."""
+    out.mkdir(exist_ok=True)
     code = ["-c", KILLED_TRAINING] if kill_at else [SCRIPT]
     env = {**ENV, "KILL_AT": str(kill_at)} if kill_at else ENV
-    return subprocess.run([sys.executable, *code, "--output_dir", str(out), "--train_file", text_file, *TINY, *extra],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=str(out.parent))
+    return subprocess.Popen([sys.executable, *code, "--output_dir", str(out), "--train_file", text_file, *TINY, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(out))
+
+
+def _finish(process):
+    """(returncode, the training losses Trainer printed, stderr)."""
+    stdout, stderr = process.communicate(timeout=600)
+    losses = [line for line in stdout.splitlines() if line.startswith("{'loss'")]
+    return process.returncode, [ast.literal_eval(line)["loss"] for line in losses], stderr
 
 
 @pytest.mark.parametrize("extra", [[], ["--curriculum_levels", "0,0.25,0.5", "--steps_per_stage", "2"]],
                          ids=["plain", "pruning_curriculum"])
 def test_training_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, text_file, extra):
-    full = _train(tmp_path / "full", text_file, *extra)
-    assert full.returncode == 0, full.stderr[-3000:]
-    killed = _train(tmp_path / "killed", text_file, *extra, kill_at=3)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert not os.path.exists(tmp_path / "killed" / "summary_rank0.json")
-    assert sorted(os.listdir(tmp_path / "killed")) == ["checkpoint-3"]
-    resumed = _train(tmp_path / "killed", text_file, *extra, "--resume_from_checkpoint", "last")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full, killed = _train(tmp_path / "full", text_file, *extra), _train(tmp_path / "killed", text_file, *extra,
+                                                                         kill_at=3)
+    (rc_full, losses_full, err), (rc_killed, losses_killed, err_killed) = _finish(full), _finish(killed)
+    assert rc_full == 0, err[-3000:]
+    assert rc_killed == -signal.SIGKILL, err_killed[-3000:]
+    assert sorted(os.listdir(tmp_path / "killed")) == ["checkpoint-3"]  # killed after it, before anything else
+    rc, losses_resumed, err = _finish(_train(tmp_path / "killed", text_file, *extra, "--resume_from_checkpoint",
+                                             "last"))
+    assert rc == 0, err[-3000:]
+    assert len(losses_full) == 6 and len(losses_killed) == 3 and len(losses_resumed) == 3  # it resumed at step 3
+    assert losses_killed + losses_resumed == losses_full  # the same loss at every step
     a, b = (json.load(open(tmp_path / d / "summary_rank0.json")) for d in ("full", "killed"))
     assert b["global_step"] == a["global_step"] == 6
     assert b["weights_sha256"] == a["weights_sha256"]
@@ -126,6 +139,18 @@ def test_resume_arguments_are_checked_first(tmp_path, text_file):
     assert "--steps_per_stage 3" in curriculum_budget_note(3, 2, 8)
     assert "stops training in stage 2 of 3" in curriculum_budget_note(3, 2, 3)
     assert curriculum_budget_note(3, 2, 6) is None and curriculum_budget_note(3, 2, -1) is None
+
+
+def test_a_curriculum_budget_that_does_not_match_max_steps_is_reported(tmp_path, text_file):
+    sys.path.insert(0, os.path.join(REPO, "examples"))
+    from train_agency import main
+
+    args = [a for a in TINY if a not in ("--save_steps", "3")]
+    summary = main(["--output_dir", str(tmp_path), "--train_file", text_file, *args, "--save_strategy", "no",
+                    "--curriculum_levels", "0,0.25", "--steps_per_stage", "2", "--max_steps", "3"])
+    assert summary["global_step"] == 3
+    assert summary["notes"] == ["--max_steps 3 stops training in stage 2 of 2 (2 stages x 2 steps = 4); the later "
+                                "stages never run."]
 
 
 # ------------------------------------------------------------------------------------------------ output folders

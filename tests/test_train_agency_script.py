@@ -31,13 +31,22 @@ def test_distillation_with_pruning_curriculum(tmp_path, text_file):
     assert json.load(open(tmp_path / "summary_rank0.json"))["weights_sha256"] == summary["weights_sha256"]
 
 
-def test_two_process_launch_agrees_on_weights(tmp_path, text_file):
-    # accelerate's --cpu flag alone starts one process (multi-CPU needs mpirun); --multi_gpu launches through
-    # torchrun, and --use_cpu makes Trainer use DDP over gloo on the CPU.
-    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", SCRIPT, "--output_dir", str(tmp_path), "--train_file", text_file,
-           "--max_steps", "4", "--distill", "--curriculum_levels", "0,0.25", "--steps_per_stage", "2", *TINY]
+def documented_command(prefix):
+    """The command of the script's docstring that starts with `prefix` (backslash continuations joined)."""
+    import train_agency
+
+    text = train_agency.__doc__.replace("\\\n", " ")
+    return next(line.split() for line in text.splitlines() if line.strip().startswith(prefix))
+
+
+def test_documented_two_process_launch_runs_two_processes_that_agree(tmp_path, text_file):
+    cmd = documented_command("accelerate launch")
+    assert cmd[cmd.index("--num_processes") + 1] == "2"
+    cmd[0] = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd[cmd.index("examples/train_agency.py")] = SCRIPT
+    cmd[cmd.index("--output_dir") + 1] = str(tmp_path)
+    cmd[cmd.index("--max_steps") + 1] = "4"
+    cmd += ["--train_file", text_file, "--distill", "--curriculum_levels", "0,0.25", "--steps_per_stage", "2", *TINY]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
     ranks = [json.load(open(tmp_path / f"summary_rank{r}.json")) for r in (0, 1)]
