@@ -172,6 +172,7 @@ class UnifiedARMTConfig(PretrainedConfig):
         return self.hidden_size // self.num_memory_heads
 
 
+# Copied from configuration_agency_gpt2: a configuration file imports only transformers (it must work as remote code).
 def _warn_unknown_keys(config, kwargs):
     """Warn about keys neither this config nor `PretrainedConfig` knows: a misspelled field in a config.json would
     otherwise load silently (and be ignored by the model)."""

@@ -154,6 +154,8 @@ def _check_inputs(input_ids, inputs_embeds, attention_mask):
                          f"length) = {tuple(tokens.shape[:2])}.")
 
 
+# Copied from modeling_agency_gpt2 (with `from_pretrained` below): modeling files import only torch, transformers and
+# their config, so that a checkpoint with remote code works without armada.
 def _broken_weights_error(error, pretrained_model_name_or_path):
     """safetensors' own error for an empty or truncated file ("incomplete metadata ...") names no file: name it."""
     path = os.fspath(pretrained_model_name_or_path)

@@ -387,3 +387,41 @@ def test_cached_generation_with_a_full_mask_still_works():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
                              pad_token_id=0)
         assert out.shape == (2, 9)
+
+
+# ------------------------------------------------------------------------------------- what already held, kept held
+
+
+def test_save_pretrained_writes_only_safetensors(tmp_path):
+    for name, model in _models().items():
+        model.save_pretrained(tmp_path / name)
+        files = set(os.listdir(tmp_path / name))
+        assert "model.safetensors" in files and not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl"))]
+
+
+MEMORY_PROBE = textwrap.dedent("""
+    import json, torch
+    from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM
+    from armada.evaluation import peak_memory
+
+    torch.manual_seed(0)
+    model = UnifiedARMTForCausalLM(UnifiedARMTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, segment_size=1024, num_memory_tokens=8,
+                                                     d_mem=16)).eval()
+    peaks = {}
+    for length in (2048, 2048, 32768):  # the first run warms the allocator up
+        ids = torch.randint(0, 64, (1, length))
+        with torch.inference_mode(), peak_memory() as mem:
+            model(ids, logits_to_keep=1)
+        peaks[length] = mem["peak_delta_bytes"]
+    print(json.dumps(peaks))
+""")
+
+
+def test_unified_armt_memory_stays_flat_to_32k_tokens():
+    """Peak resident memory of a forward over 32K tokens above that over 2K: what grows with the input is only the
+    returned hidden states (32K x 32 floats = 4 MiB, plus their concatenation), not the segments' activations."""
+    run = subprocess.run([sys.executable, "-c", MEMORY_PROBE], capture_output=True, text=True, timeout=600, env=ENV)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peaks = {int(k): v for k, v in json.loads(run.stdout.splitlines()[-1]).items()}
+    assert peaks[32768] - peaks[2048] < 24 * 2**20, peaks
