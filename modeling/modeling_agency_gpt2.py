@@ -728,6 +728,25 @@ class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    @staticmethod
+    def _left_align(input_ids, attention_mask):
+        """Move each row's padding (attention_mask == 0) to its left end, keeping the real tokens in order: decoding
+        appends after the last column, so a right-padded row would otherwise continue from its padding."""
+        if input_ids is None or attention_mask is None or input_ids.shape != attention_mask.shape:
+            return input_ids, attention_mask
+        order = torch.sort(attention_mask.to(torch.int8), dim=1, stable=True).indices  # padding first
+        return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate` for prompts padded on either side. Right-padded rows (the package's
+        `gpt2_tokenizer()` pads on the right) are left-aligned first, so every row continues from its own last real
+        token and gets the tokens it gets alone; the returned sequences are therefore left-padded."""
+        if inputs is None and "input_ids" in kwargs:
+            inputs = kwargs.pop("input_ids")
+        if kwargs.get("attention_mask") is not None:
+            inputs, kwargs["attention_mask"] = self._left_align(inputs, kwargs["attention_mask"])
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
     @classmethod
     def from_gpt2(cls, model_or_path, **config_overrides) -> "AgencyGPT2ForCausalLM":
         """Convert a GPT-2 checkpoint (`GPT2LMHeadModel`/`GPT2Model`, a local directory or a Hub id) to AgencyGPT2.

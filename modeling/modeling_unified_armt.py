@@ -646,12 +646,28 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
             model_kwargs["cache_position"] = model_kwargs["cache_position"][-1:] + num_new_tokens
         return model_kwargs
 
-    def generate(self, *args, generation_config=None, **kwargs):
+    @staticmethod
+    def _left_align(input_ids, attention_mask):
+        """Move each row's padding (attention_mask == 0) to its left end, keeping the real tokens in order: decoding
+        appends after the last column, so a right-padded row would otherwise continue from its padding."""
+        if input_ids is None or attention_mask is None or input_ids.shape != attention_mask.shape:
+            return input_ids, attention_mask
+        order = torch.sort(attention_mask.to(torch.int8), dim=1, stable=True).indices  # padding first
+        return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate` for prompts padded on either side. Right-padded rows (the package's
+        `gpt2_tokenizer()` pads on the right) are left-aligned first, so every row continues from its own last real
+        token and gets the tokens it gets alone; the returned sequences are therefore left-padded."""
         num_beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
         if num_beams and num_beams > 1:  # transformers' beam search reorders only `past_key_values`
             raise NotImplementedError(f"UnifiedARMT supports greedy decoding and sampling (num_beams=1), got "
                                       f"num_beams={num_beams}")
-        return super().generate(*args, generation_config=generation_config, **kwargs)
+        if inputs is None and "input_ids" in kwargs:
+            inputs = kwargs.pop("input_ids")
+        if kwargs.get("attention_mask") is not None:
+            inputs, kwargs["attention_mask"] = self._left_align(inputs, kwargs["attention_mask"])
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
 
 __all__ = ["UnifiedARMTForCausalLM", "UnifiedARMTModel", "UnifiedARMTPreTrainedModel", "UnifiedARMTMemoryState",
