@@ -31,10 +31,6 @@ needs_shakespeare = pytest.mark.skipif(not os.path.isfile(SHAKESPEARE), reason="
 N_SPECIAL = len(TaskVocab.SPECIALS)
 
 
-@pytest.fixture(scope="module")
-def gpt2_tok():
-    return gpt2_tokenizer()
-
 
 def check_labels(sample):
     """Labels are -100 before the answer and equal the ids on it; the answer ends the sequence."""

@@ -2,10 +2,13 @@ import tempfile
 
 import pytest
 import torch
-from model_tester_common import (
-    assert_close,
+from causal_lm_checks import (
     check_batched_equals_single_with_padding,
     check_cache_matches_no_cache,
+    check_tokenizer_padded_generation_equals_single,
+)
+from common_checks import (
+    assert_close,
     check_dtype,
     check_export,
     check_gradient_flow,
@@ -122,6 +125,16 @@ def test_from_gpt2_matches_with_padding_and_generation(tester):
     assert torch.equal(agency.generate(ids, **kwargs), gpt2.generate(ids, **kwargs))
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False)
     assert torch.equal(agency.generate(ids, **kwargs), gpt2.generate(ids, **kwargs))
+
+
+def test_generation_from_the_package_tokenizer_right_padding(tester, gpt2_tok):
+    # gpt2_tokenizer() pads on the right: generate() left-aligns the rows, as transformers' GPT-2 needs left padding
+    torch.manual_seed(0)
+    agency = AgencyGPT2ForCausalLM(tester.config(vocab_size=len(gpt2_tok))).eval()
+    prompts = ["Now is the winter of our discontent made glorious", "Hi", "To be, or not"]
+    check_tokenizer_padded_generation_equals_single(agency, gpt2_tok, prompts)
+    agency.prune_heads({0: [1, 2], 2: [0]})
+    check_tokenizer_padded_generation_equals_single(agency, gpt2_tok, prompts)
 
 
 def test_from_gpt2_accepts_local_directory_and_gpt2model(tester):
