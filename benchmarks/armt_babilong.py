@@ -104,7 +104,7 @@ def parse_args(argv=None):
                         '(replaces --stage-lengths; a stage keeps the knobs it does not set from the stage before; '
                         'the last stage\'s target_length must be --train-length). UnifiedARMT also takes '
                         '"segment_size" per stage (rotary positions only; the full-attention model ignores it): '
-                        'short segments first make memory learnable (see the README)')
+                        'short segments first make memory learnable (benchmarks/README.md)')
     p.add_argument("--advance-at", type=float, default=None, metavar="ACC",
                    help="mastery curriculum: every stage but the last also ends as soon as the accuracy on "
                         "--stage-eval-samples samples of its own length reaches ACC (checked every --eval-every "

@@ -12,10 +12,10 @@ outputs/armt_babilong_probe):
         --facts 1 --samples 200 --out outputs/probe
 
 The training loop is written out (no Trainer) on purpose: it is the smallest deterministic loop that reproduces the
-session-13 figures in the README (memory pickup depends on the seed), and it computes the LM head only at the answer
-positions. The benchmark proper (`armt_babilong.py`, Trainer + curriculum) takes the same stages through `--stages`
-(with `segment_size`). Tokenizer: the 2,048-id BPE of `armt_babilong.py --vocab-size 2048` (retrained once, cached
-under --tokenizer-dir).
+probe figures in benchmarks/README.md (memory pickup depends on the seed), and it computes the LM head only at the
+answer positions. The benchmark proper (`armt_babilong.py`, Trainer + curriculum) takes the same stages through
+`--stages` (with `segment_size`). Tokenizer: the 2,048-id BPE of `armt_babilong.py --vocab-size 2048` (retrained
+once, cached under --tokenizer-dir).
 """
 
 import argparse

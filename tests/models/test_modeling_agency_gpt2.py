@@ -137,6 +137,21 @@ def test_generation_from_the_package_tokenizer_right_padding(tester, gpt2_tok):
     check_tokenizer_padded_generation_equals_single(agency, gpt2_tok, prompts)
 
 
+def test_state_dict_is_gpt2s_plus_the_agency_state_and_reset_restores_it(tester):
+    from armada.modeling.modeling_agency_gpt2 import AGENCY_BUFFERS
+
+    agency, gpt2 = tester.agency(), tester.gpt2()
+    gpt2_keys = {k for k in gpt2.state_dict() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    keys = set(agency.state_dict())
+    assert keys - gpt2_keys == {f"transformer.{name}" for name in ("head_gates", *AGENCY_BUFFERS)}
+    assert gpt2_keys <= keys
+    fresh = {name: getattr(agency.transformer, name).clone() for name in AGENCY_BUFFERS}
+    for name in AGENCY_BUFFERS:
+        getattr(agency.transformer, name).fill_(2)
+    agency.transformer.reset_agency_state()
+    assert all(torch.equal(getattr(agency.transformer, name), fresh[name]) for name in AGENCY_BUFFERS)
+
+
 def test_from_gpt2_accepts_local_directory_and_gpt2model(tester):
     gpt2 = tester.gpt2()
     ids = tester.input_ids()
