@@ -21,6 +21,8 @@ through the same curriculum: armt_babilong_probe.py --model full), each result n
 Scoring: exact match of the answer tokens (teacher-forced argmax = greedy decoding) on `--eval-samples` new samples
 per length (seeded, disjoint from training). Target (issue 4): >= 90% on qa1 at 16K for UnifiedARMT.
 
+Results go to --out (default outputs/armt_babilong; the committed record only with --update-committed-results).
+
     python benchmarks/armt_babilong.py                      # qa1 (and --tasks qa1,qa2), full budget
     python benchmarks/armt_babilong.py --quick              # tiny model, short lengths, smoke test
 """
@@ -41,7 +43,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
-from armada.io_utils import atomic_directory, atomic_savefig, atomic_write_text  # noqa: E402
+from armada.io_utils import atomic_directory  # noqa: E402
 from armada.modeling.modeling_unified_armt import next_token_targets  # noqa: E402
 from armada.tasks import (  # noqa: E402
     BabiLong,
@@ -54,19 +56,19 @@ from armada.tasks import (  # noqa: E402
 )
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 # may differ between results combined with --add; and, for an added file without UnifiedARMT results, ARMT_ONLY too
 # (checkpoint paths too: each result records the checkpoint it started from as its "init")
 PER_PROCESS = {"models", "threads", "device", "out", "add", "max_minutes", "init_armt", "save_armt", "init_full",
-               "save_full"}
+               "save_full", "overwrite", "update_committed_results"}
 ARMT_ONLY = {"segment_size", "memory_tokens", "memory_heads", "position"}
 QUESTION_ROOM = 32  # tokens after the context: "\nQuestion: ...\nAnswer: word"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    common.add_common_args(p, "armt_babilong", seed=False, threads=False)
     p.add_argument("--tasks", default="qa1")
     p.add_argument("--train-length", type=int, default=None, help="context tokens at the last stage (default 1024)")
     p.add_argument("--eval-lengths", default=None, help="default 1024,4096,16384 (the training length is added)")
@@ -102,7 +104,7 @@ def parse_args(argv=None):
                         '(replaces --stage-lengths; a stage keeps the knobs it does not set from the stage before; '
                         'the last stage\'s target_length must be --train-length). UnifiedARMT also takes '
                         '"segment_size" per stage (rotary positions only; the full-attention model ignores it): '
-                        'short segments first make memory learnable (see the README)')
+                        'short segments first make memory learnable (benchmarks/README.md)')
     p.add_argument("--advance-at", type=float, default=None, metavar="ACC",
                    help="mastery curriculum: every stage but the last also ends as soon as the accuracy on "
                         "--stage-eval-samples samples of its own length reaches ACC (checked every --eval-every "
@@ -177,6 +179,7 @@ def parse_args(argv=None):
         raise SystemExit(f"--max-minutes must be > 0, got {args.max_minutes}")
     if args.advance_at is not None and not 0 <= args.advance_at <= 1:
         raise SystemExit(f"--advance-at is an accuracy in [0, 1], got {args.advance_at}")
+    args.out = common.output_dir(args, "armt_babilong")
     return args
 
 
@@ -453,14 +456,7 @@ def main(argv=None):
                     "and bAbI stories") if args.vocab_size else "GPT-2 BPE",
               "environment": {"python": platform.python_version(), "torch": torch.__version__},
               "wall_seconds": round(time.perf_counter() - started, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "armt_babilong.json"), json.dumps(report, indent=2))
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     lines = ["| task | model | training | " + " | ".join(f"{n} tokens" for n in args.eval_lengths) + " |",
              "|---|---|---|" + "---|" * len(args.eval_lengths)]
@@ -484,9 +480,10 @@ def main(argv=None):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_savefig(fig, os.path.join(args.out, "armt_babilong.png"), dpi=120)
-    atomic_write_text(os.path.join(args.out, "armt_babilong.md"), "\n".join(lines) + "\n")
+    paths = common.write_report(args.out, "armt_babilong", report, "\n".join(lines))
+    paths.append(common.save_figure(fig, args.out, "armt_babilong.png"))
     print("\n".join(lines))
+    common.print_written(paths)
 
 
 if __name__ == "__main__":

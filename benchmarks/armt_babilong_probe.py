@@ -1,20 +1,21 @@
 """Probe: does UnifiedARMT learn to use its memory on BABILong-style qa1, and how far does what it learned reach?
 
-Two modes (both print one JSON line per evaluation and write `--out` JSON atomically):
+Two modes (both print one JSON line per evaluation and write `<mode>.json` atomically into --out DIR, default
+outputs/armt_babilong_probe):
 
     # train on BabiLong qa1 samples of one kind (few people/facts, short contexts, short segments), optionally
     # starting from a checkpoint; accuracy on 200 held-out samples every --eval-every steps; checkpoint saved there
     python benchmarks/armt_babilong_probe.py train --segment-size 16 --memory-tokens 4 --people 1 --facts 1 \
-        --length 64 --steps 3000 --save probe_ckpt --out probe.json
+        --length 64 --steps 3000 --save probe_ckpt --out outputs/probe
     # accuracy of a checkpoint by the number of segments between the asked person's last fact and the answer
     python benchmarks/armt_babilong_probe.py diagnose probe_ckpt --segment-size 16 --length 256 --people 1 \
-        --facts 1 --samples 200 --out diag.json
+        --facts 1 --samples 200 --out outputs/probe
 
 The training loop is written out (no Trainer) on purpose: it is the smallest deterministic loop that reproduces the
-session-13 figures in the README (memory pickup depends on the seed), and it computes the LM head only at the answer
-positions. The benchmark proper (`armt_babilong.py`, Trainer + curriculum) takes the same stages through `--stages`
-(with `segment_size`). Tokenizer: the 2,048-id BPE of `armt_babilong.py --vocab-size 2048` (retrained once, cached
-under --tokenizer-dir).
+probe figures in benchmarks/README.md (memory pickup depends on the seed), and it computes the LM head only at the
+answer positions. The benchmark proper (`armt_babilong.py`, Trainer + curriculum) takes the same stages through
+`--stages` (with `segment_size`). Tokenizer: the 2,048-id BPE of `armt_babilong.py --vocab-size 2048` (retrained
+once, cached under --tokenizer-dir).
 """
 
 import argparse
@@ -37,6 +38,9 @@ import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
 from armada.io_utils import atomic_directory, atomic_write_text  # noqa: E402
 from armada.tasks import BabiLong, BabiTask, tokenize_sample  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+NAME = "armt_babilong_probe"
 
 
 def parse_args(argv=None):
@@ -74,11 +78,9 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, help="train: start from this checkpoint")
     p.add_argument("--save", default=None, help="train: save the model here at every evaluation")
     p.add_argument("--tokenizer-dir", default=os.path.join(REPO, ".cache", "babilong_tokenizer"))
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device (default: cuda when available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None)
+    common.add_common_args(p, NAME, quick=False, threads=1)
     args = p.parse_args(argv)
     if args.distinct_people and args.facts > args.people:
         raise SystemExit(f"--distinct-people needs --facts <= --people, got {args.facts} > {args.people}")
@@ -88,6 +90,7 @@ def parse_args(argv=None):
                  "samples", "memory_heads", "questions", "positions"):
         if getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    args.out = common.output_dir(args, NAME, report=f"{args.mode}.json")
     return args
 
 
@@ -255,8 +258,10 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     tok = tokenizer(args)
     result = train(args, tok) if args.mode == "train" else diagnose(args, tok)
-    if args.out:
-        atomic_write_text(args.out, json.dumps({"args": vars(args), **result}, indent=2))
+    path = os.path.join(args.out, f"{args.mode}.json")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_text(path, json.dumps({"args": vars(args), **result}, indent=2))
+    common.print_written([path])
 
 
 if __name__ == "__main__":

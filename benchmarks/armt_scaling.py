@@ -11,27 +11,32 @@ the model was built and the input created (on CUDA: max allocated minus allocate
 
 Targets (issue 4): time(16K) / time(1K) <= 17 for UnifiedARMT, and flat peak memory.
 
-    python benchmarks/armt_scaling.py              # 1K..16K, ~5 minutes on 2 CPU cores
+The run exits non-zero when the time target FAILs (judged on full runs only) or a point errors.
+
+    python benchmarks/armt_scaling.py              # 1K..16K, ~5 minutes on 2 CPU cores -> outputs/armt_scaling
     python benchmarks/armt_scaling.py --quick      # 256..1K, tiny model, seconds
+    python benchmarks/armt_scaling.py --update-committed-results   # replace benchmarks/results/armt_scaling.*
 """
 
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks import common  # noqa: E402
+
+NAME = "armt_scaling"
 TARGET_TIME_RATIO = 17.0
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model, short inputs (smoke test)")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    common.add_common_args(p, NAME, seed=False)
     p.add_argument("--lengths", default=None, help="comma-separated token counts (default 1024,...,16384)")
     p.add_argument("--hidden-size", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -40,11 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--memory-tokens", type=int, default=16)
     p.add_argument("--vocab-size", type=int, default=50257)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed for one point")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "model:length", run one point and exit
     args = p.parse_args(argv)
+    if not args.worker:
+        args.out = common.output_dir(args, NAME)
     if args.quick:
         args.hidden_size, args.layers, args.heads, args.segment_size, args.memory_tokens = 64, 2, 2, 128, 8
         args.vocab_size, args.repeats = 1000, 2
@@ -120,14 +126,8 @@ def run_point(kind, length, args):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def plot(results, path):
-    import matplotlib
-
-    from armada.io_utils import atomic_savefig
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results, out):
+    plt = common.pyplot()
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
     for kind, label in (("armt", "UnifiedARMT"), ("full", "full attention (GPT-2 blocks)")):
         points = [r for r in results if r["model"] == kind and "error" not in r]
@@ -144,26 +144,10 @@ def plot(results, path):
     ax_t.set_title("time vs length")
     ax_m.set_title("peak memory vs length")
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=120)
-    plt.close(fig)
+    return common.save_figure(fig, out, f"{NAME}.png")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.worker:
-        return worker(args)
-    sys.path.insert(0, REPO)
-    from tqdm.auto import tqdm
-
-    from armada.io_utils import atomic_write_text
-
-    started = time.perf_counter()
-    points = [(kind, n) for n in args.lengths for kind in ("armt", "full")]
-    results = []
-    for kind, n in tqdm(points, desc="points"):
-        results.append(run_point(kind, n, args))
-        tqdm.write(json.dumps(results[-1]))
-
+def summarize(results, args):
     def ratio(kind, key):
         by_len = {r["length"]: r for r in results if r["model"] == kind and "error" not in r}
         lo, hi = min(args.lengths), max(args.lengths)
@@ -172,7 +156,7 @@ def main(argv=None):
         return None
 
     time_ratio = ratio("armt", "seconds")
-    summary = {
+    return {
         "time_ratio_longest_to_shortest": {"armt": time_ratio, "full": ratio("full", "seconds")},
         "length_ratio": max(args.lengths) / min(args.lengths),
         "memory_ratio_longest_to_shortest": {"armt": ratio("armt", "peak_memory_bytes"),
@@ -180,14 +164,9 @@ def main(argv=None):
         "target_time_ratio": TARGET_TIME_RATIO if not args.quick else None,
         "time_target_met": (time_ratio is not None and time_ratio <= TARGET_TIME_RATIO) if not args.quick else None,
     }
-    report = {"benchmark": "armt_scaling", "quick": args.quick, "config": {k: v for k, v in vars(args).items()
-                                                                          if k != "worker"},
-              "environment": {"python": platform.python_version(), "machine": platform.processor() or
-                              platform.machine(), "threads": args.threads},
-              "results": results, "summary": summary, "wall_seconds": round(time.perf_counter() - started, 1)}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "armt_scaling.json"), json.dumps(report, indent=2))
-    plot(results, os.path.join(args.out, "armt_scaling.png"))
+
+
+def markdown(results, args):
     lines = ["| tokens | UnifiedARMT time (s) | full attention time (s) | UnifiedARMT peak MiB "
              "| full attention peak MiB |",
              "|---|---|---|---|---|"]
@@ -199,10 +178,38 @@ def main(argv=None):
             cell(row.get("full"), "seconds", lambda v: f"{v:.3f}"),
             cell(row.get("armt"), "peak_memory_bytes", lambda v: f"{v / 2**20:.0f}"),
             cell(row.get("full"), "peak_memory_bytes", lambda v: f"{v / 2**20:.0f}")]) + " |")
-    atomic_write_text(os.path.join(args.out, "armt_scaling.md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args)
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    points = [(kind, n) for n in args.lengths for kind in ("armt", "full")]
+    results = []
+    for kind, n in tqdm(points, desc="points"):
+        results.append(run_point(kind, n, args))
+        tqdm.write(json.dumps(results[-1]))
+    summary = summarize(results, args)
+    report = {"benchmark": NAME, "quick": args.quick, "config": {k: v for k, v in vars(args).items()
+                                                                 if k != "worker"},
+              "environment": common.environment(args.threads),
+              "results": results, "summary": summary, "wall_seconds": round(time.perf_counter() - started, 1)}
+    table = markdown(results, args)
+    paths = common.write_report(args.out, NAME, report, table)
+    paths.append(plot(results, args.out))
+    print(table)
     print(json.dumps(summary, indent=2))
+    common.print_written(paths)
+    errors = [f"{r['model']} at {r['length']}: {r['error']}" for r in results if "error" in r and r["model"] == "armt"]
+    return common.report_checks([
+        {"name": "every UnifiedARMT point ran", "pass": not errors, "detail": "; ".join(errors)},
+        {"name": f"UnifiedARMT time ratio longest/shortest <= {TARGET_TIME_RATIO}", "pass": summary["time_target_met"],
+         "detail": f"{summary['time_ratio_longest_to_shortest']['armt']}"}])
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

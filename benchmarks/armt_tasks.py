@@ -26,6 +26,8 @@ memory costs from what the model size and budget reach at all; with `--position 
 itself with rotary positions and one segment longer than every sample (full attention, memory never written).
 Targets (issue 4): retrieval >= 95%, reasoning >= 90%, multi-hop >= 99%.
 
+Results go to --out (default outputs/armt_tasks; the committed record only with --update-committed-results).
+
     python benchmarks/armt_tasks.py                   # full run (hours on 2 CPU cores; --runs picks some)
     python benchmarks/armt_tasks.py --quick           # smoke test: tiny model, few steps
     python benchmarks/armt_tasks.py --runs memory_retrieval_m16_random,multi_hop_m16_random
@@ -53,7 +55,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import armada  # noqa: E402,F401
 from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM  # noqa: E402
-from armada.io_utils import atomic_savefig, atomic_write_text  # noqa: E402
 from armada.tasks import (  # noqa: E402  # noqa: E402
     MemoryRetrieval,
     MultiHop,
@@ -65,6 +66,7 @@ from armada.tasks import (  # noqa: E402  # noqa: E402
     task_curriculum,
 )
 from armada.trainers import CurriculumTrainer  # noqa: E402
+from benchmarks import common  # noqa: E402
 
 TARGETS = {"memory_retrieval": 0.95, "pattern_reasoning": 0.90, "multi_hop": 0.99}
 
@@ -131,8 +133,7 @@ def runs(quick, everything=False):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    common.add_common_args(p, "armt_tasks", seed=False)
     p.add_argument("--runs", default=None, help="comma-separated run names (default: all)")
     p.add_argument("--merge", action="store_true",
                    help="keep the other runs already in <out>/armt_tasks.json (replace only the runs made now)")
@@ -173,7 +174,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default: a sixth of "
                                                                 "the steps; 250 with --advance-at)")
     p.add_argument("--eval-samples", type=int, default=None, help="default 1000 (quick 64)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0, help="runs made with another seed are named ..._seed<n>")
     args = p.parse_args(argv)
     args.eval_samples = args.eval_samples or (64 if args.quick else 1000)
@@ -203,6 +203,7 @@ def parse_args(argv=None):
         p.error(f"--heads must be a positive number of attention heads, got {args.heads}")
     if args.eval_every is not None and args.eval_every < 1:
         p.error(f"--eval-every must be a positive number of steps, got {args.eval_every}")
+    args.out = common.output_dir(args, "armt_tasks", merge=args.merge)
     return args
 
 
@@ -348,12 +349,8 @@ def run(name, task_name, memory_tokens, memory_init, args):
             "target": TARGETS[task_name] if not args.quick else None, "parameters": model.num_parameters()}
 
 
-def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(results, out):
+    plt = common.pyplot()
     fig, (ax_a, ax_m) = plt.subplots(1, 2, figsize=(12, 4))
     names = [r["name"] for r in results]
     y = range(len(names))
@@ -380,8 +377,7 @@ def plot(results, path):
     ax_m.set_ylabel(f"{SWEPT} accuracy (random init)")
     ax_m.grid(alpha=0.3)
     fig.tight_layout()
-    atomic_savefig(fig, path, dpi=120)
-    plt.close(fig)
+    return common.save_figure(fig, out, "armt_tasks.png")
 
 
 def main(argv=None):
@@ -417,9 +413,6 @@ def main(argv=None):
     report = {"benchmark": "armt_tasks", "quick": args.quick, "results": results,
               "environment": {"python": platform.python_version(), "torch": torch.__version__,
                               "threads": args.threads}}
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(path, json.dumps(report, indent=2))
-    plot(results, os.path.join(args.out, "armt_tasks.png"))
     lines = ["| run | model | segments/sample | memory tokens | init | steps | train s | accuracy | memory reset | "
              "target |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -429,8 +422,10 @@ def main(argv=None):
                      f"| {r['memory_init']} "
                      f"| {r['steps']} | {r['train_seconds']:.0f} | {r['accuracy']:.1%} "
                      f"| {reset} | {target} |")
-    atomic_write_text(os.path.join(args.out, "armt_tasks.md"), "\n".join(lines) + "\n")
+    paths = common.write_report(args.out, "armt_tasks", report, "\n".join(lines))
+    paths.append(plot(results, args.out))
     print("\n".join(lines))
+    common.print_written(paths)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,21 @@
    and peak memory for (a) the baseline GPT-2 pruned by transformers' own `prune_heads` on the same heads and
    (b) AgencyGPT2 pruned; for the two best strategies also (c) AgencyGPT2 pruned + a short distillation recovery
    from the unpruned model and (d) the pruning curriculum (0 -> 30 -> 50 -> 70%, distilled, one run).
-3. Write benchmarks/results/pruning_comparison.{json,md} and four PNGs.
+3. Write pruning_comparison.{json,md} and four PNGs into --out (default outputs/pruning_comparison), and judge the
+   goals: AgencyGPT2 equals GPT-2 at 0% (always), and on a full run the distilled models within 10% of the unpruned
+   perplexity and better than random pruning at 50%. The run exits non-zero when a judged goal FAILs.
 
-    python benchmarks/pruning_comparison.py            # full run, about 30 minutes on 2 CPU cores
-    python benchmarks/pruning_comparison.py --quick    # CI-sized smoke run
+    python benchmarks/pruning_comparison.py                # full run, about 30 minutes on 2 CPU cores
+    python benchmarks/pruning_comparison.py --model DIR    # start from your GPT-2 checkpoint (no training)
+    python benchmarks/pruning_comparison.py --quick        # CI-sized smoke run
+    python benchmarks/pruning_comparison.py --update-committed-results   # replace benchmarks/results/pruning_*
 """
 
 import argparse
 import copy
-import json
 import math
 import os
-import platform
+import shutil
 import sys
 import time
 
@@ -39,11 +42,13 @@ from armada.evaluation import (  # noqa: E402
     peak_memory,
     perplexity,
 )
-from armada.io_utils import atomic_savefig, atomic_write_text  # noqa: E402
+from armada.io_utils import atomic_savefig  # noqa: E402
 from armada.pruning import STRATEGIES, score_heads, select_heads  # noqa: E402
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
 from armada.trainers import CurriculumTrainer, DistillationTrainer, finalize_pruning, pruning_curriculum  # noqa: E402
+from benchmarks import common  # noqa: E402
 
+NAME = "pruning_comparison"
 SHARED = os.path.join(REPO, "..", "shared", "data")
 
 
@@ -53,16 +58,14 @@ class DistilledCurriculumTrainer(CurriculumTrainer, DistillationTrainer):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny model and budgets (CI-sized)")
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results"))
+    common.add_common_args(p, NAME, model="a GPT-2 checkpoint folder to prune instead of training one (its "
+                                          "tokenizer must be GPT-2's)")
     p.add_argument("--train-files", nargs="+",
                    default=[os.path.join(SHARED, "wikitext-2", "valid.txt"),
                             os.path.join(SHARED, "tinyshakespeare", "input.txt")])
     p.add_argument("--eval-file", default=os.path.join(SHARED, "wikitext-2", "test.txt"))
     p.add_argument("--levels", default="0,0.3,0.5,0.7")
     p.add_argument("--strategies", default=",".join(STRATEGIES))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
     size = dict(n_layer=2, n_embd=64, n_head=4) if args.quick else dict(n_layer=4, n_embd=256, n_head=8)
     budget = dict(train_seconds=25, eval_tokens=2048, recovery_steps=4, stage_steps=3, gen_tokens=16,
@@ -75,6 +78,9 @@ def parse_args(argv=None):
     bad = [s for s in args.strategies if s not in STRATEGIES]
     if bad:
         p.error(f"unknown strategies {bad}; allowed: {', '.join(STRATEGIES)}")
+    if args.model and not os.path.isfile(os.path.join(args.model, "config.json")):
+        p.error(f"--model {args.model!r} is not a checkpoint folder (no config.json there)")
+    args.out = common.output_dir(args, NAME)
     return args
 
 
@@ -279,12 +285,7 @@ def markdown(results):
 # ------------------------------------------------------------------------------------------------ main
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    set_seed(args.seed)
-    started = time.time()
-    tokenizer = gpt2_tokenizer()
+def load_data(args, tokenizer):
     for path in [*args.train_files, args.eval_file]:
         if not os.path.isfile(path):
             raise SystemExit(f"error: data file {path} not found (expected ../shared/data beside the repo).")
@@ -294,26 +295,42 @@ def main(argv=None):
         : math.ceil(args.budget["eval_tokens"] / 256)], []))
     calibration = [torch.tensor(train_blocks.shuffle(seed=args.seed)[: args.budget["calib_blocks"]]["input_ids"])]
     prompt_ids = torch.tensor([tokenizer("The history of the city of")["input_ids"] * 4])[:, :32]
+    return train_blocks, eval_ids, calibration, prompt_ids
 
-    baseline, train_info = train_baseline(args, tokenizer, train_blocks)
-    agency = AgencyGPT2ForCausalLM.from_gpt2(baseline).eval()
-    rows = []
 
-    def add(variant, strategy, level, model, selection=None, **extra):
+def load_or_train_baseline(args, tokenizer, train_blocks):
+    """--model DIR (a GPT-2 checkpoint), or a small GPT-2 trained for the time budget."""
+    if not args.model:
+        return train_baseline(args, tokenizer, train_blocks)
+    model = GPT2LMHeadModel.from_pretrained(args.model).eval()
+    if model.config.model_type != "gpt2" or model.config.vocab_size != len(tokenizer):
+        raise SystemExit(f"error: --model {args.model!r} must be a GPT-2 checkpoint with GPT-2's {len(tokenizer)}-id "
+                         f"vocabulary (got {model.config.model_type}, {model.config.vocab_size} ids)")
+    return model, {"checkpoint": args.model, "steps": 0}
+
+
+class Rows(list):
+    """The measured rows; `add` measures one model and prints its line."""
+
+    def __init__(self, args, tokenizer, eval_ids, prompt_ids):
+        super().__init__()
+        self.measure = lambda model: measure(args, model, tokenizer, eval_ids, prompt_ids)
+
+    def add(self, variant, strategy, level, model, selection=None, **extra):
         row = {"variant": variant, "strategy": strategy, "level": level,
                "heads_per_layer": model.num_heads_per_layer() if hasattr(model, "num_heads_per_layer") else None,
-               **measure(args, model, tokenizer, eval_ids, prompt_ids), **extra}
+               **self.measure(model), **extra}
         if selection is not None:
             row["pruned_heads"] = heads_list(selection)
-        rows.append(row)
+        self.append(row)
         tqdm.write(f"{variant:>17} {strategy:>10} {level:4.0%}  ppl {row['perplexity']:9.2f}  "
                    f"gen {row['gen_tokens_per_s']:7.1f} tok/s  distinct-2 {row['distinct_2']:.3f}")
         return row
 
-    add("baseline", "-", 0.0, baseline)
-    add("agency", "-", 0.0, agency)
-    failures = []
-    scores = {}
+
+def prune_sweep(args, baseline, agency, calibration, rows):
+    """Every strategy x level: GPT-2 pruned by transformers (where it can run) and AgencyGPT2 on the same heads."""
+    failures, scores = [], {}
     for strategy in tqdm(args.strategies, desc="score heads"):
         scores[strategy] = score_heads(copy.deepcopy(agency), strategy, calibration, seed=args.seed,
                                        l0_steps=args.budget["l0_steps"])
@@ -323,76 +340,109 @@ def main(argv=None):
             pruned_gpt2 = copy.deepcopy(baseline)
             try:
                 pruned_gpt2.prune_heads(selection)
-                add("baseline_pruned", strategy, level, pruned_gpt2, selection)
+                rows.add("baseline_pruned", strategy, level, pruned_gpt2, selection)
             except ValueError as error:  # transformers' GPT-2 cannot run a layer left with no head
                 failures.append({"variant": "baseline_pruned", "strategy": strategy, "level": level,
                                  "pruned_heads": heads_list(selection), "error": str(error)})
                 tqdm.write(f"  baseline_pruned {strategy} {level:.0%}: transformers failed ({error})")
             pruned = copy.deepcopy(agency)
             pruned.prune_heads(selection)
-            add("agency", strategy, level, pruned, selection)
+            rows.add("agency", strategy, level, pruned, selection)
+    return scores, failures
 
-    mid = 0.5 if 0.5 in args.levels else max(args.levels)
+
+def best_strategies(args, rows, mid):
     ranked = sorted(args.strategies, key=lambda s: next(
         r["perplexity"] for r in rows if r["variant"] == "agency" and r["strategy"] == s and r["level"] == mid))
-    best = [s for s in ranked if s != "random"][:2]
-    work = os.path.join(args.out, ".work")
+    return [s for s in ranked if s != "random"][:2]
+
+
+def recovery_sweep(args, agency, scores, best, train_blocks, calibration, rows, work):
+    """For the best strategies: prune + distillation per level, and the pruning curriculum through all levels."""
     for strategy in best:
         for level in [lv for lv in args.levels if lv > 0]:
             student = copy.deepcopy(agency).requires_grad_(True)  # the teacher copy is frozen by the trainer
             student.prune_heads(select_heads(scores[strategy], level))
             recover(args, student.train(), agency, train_blocks, work)
-            add("agency_distilled", strategy, level, student, recovery_steps=args.budget["recovery_steps"])
+            rows.add("agency_distilled", strategy, level, student, recovery_steps=args.budget["recovery_steps"])
         student = copy.deepcopy(agency).requires_grad_(True).train()
-        snapshots, history = curriculum(args, student, agency, train_blocks, calibration, strategy, work)
+        snapshots, _history = curriculum(args, student, agency, train_blocks, calibration, strategy, work)
         for level, model in sorted(snapshots.items()):
             if level > 0:
-                add("curriculum", strategy, level, model, steps_per_stage=args.budget["stage_steps"])
+                rows.add("curriculum", strategy, level, model, steps_per_stage=args.budget["stage_steps"])
 
+
+def goals(args, rows, best, mid):
+    """The judged goals as report_checks entries; quality goals are n/a on a --quick run (tiny budgets)."""
     base = rows[0]
     mid_rows = {(r["variant"], r["strategy"]): r for r in rows if r["level"] == mid}
-    goal = {}
+    judged = None if args.quick else True
+    out = [{"name": "agency equals baseline at 0%",
+            "pass": abs(rows[1]["perplexity"] - base["perplexity"]) <= 1e-4 * base["perplexity"]}]
     for strategy in best:
-        distilled = mid_rows.get(("agency_distilled", strategy))
+        distilled, random = mid_rows.get(("agency_distilled", strategy)), mid_rows.get(("agency", "random"))
         if distilled:
-            goal[f"{strategy}+distill within 10% of unpruned at {mid:.0%}"] = (
-                distilled["perplexity"] <= 1.1 * base["perplexity"])
-            random = mid_rows.get(("agency", "random"))
+            ok = distilled["perplexity"] <= 1.1 * base["perplexity"]
+            out.append({"name": f"{strategy}+distill within 10% of unpruned at {mid:.0%}", "pass": judged and ok,
+                        "detail": f"{distilled['perplexity']:.2f} vs {base['perplexity']:.2f}"})
             if random:
-                goal[f"{strategy}+distill beats random at {mid:.0%}"] = distilled["perplexity"] < random["perplexity"]
-    goal["agency equals baseline at 0%"] = abs(rows[1]["perplexity"] - base["perplexity"]) <= 1e-4 * base["perplexity"]
+                ok = distilled["perplexity"] < random["perplexity"]
+                out.append({"name": f"{strategy}+distill beats random at {mid:.0%}", "pass": judged and ok,
+                            "detail": f"{distilled['perplexity']:.2f} vs {random['perplexity']:.2f}"})
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    started = time.time()
+    warning = common.busy_machine_warning()
+    if warning:
+        print(warning)
+    tokenizer = gpt2_tokenizer()
+    train_blocks, eval_ids, calibration, prompt_ids = load_data(args, tokenizer)
+    baseline, train_info = load_or_train_baseline(args, tokenizer, train_blocks)
+    agency = AgencyGPT2ForCausalLM.from_gpt2(baseline).eval()
+
+    rows = Rows(args, tokenizer, eval_ids, prompt_ids)
+    rows.add("baseline", "-", 0.0, baseline)
+    rows.add("agency", "-", 0.0, agency)
+    scores, failures = prune_sweep(args, baseline, agency, calibration, rows)
+    mid = 0.5 if 0.5 in args.levels else max(args.levels)
+    best = best_strategies(args, rows, mid)
+    work = os.path.join(args.out, ".work")
+    recovery_sweep(args, agency, scores, best, train_blocks, calibration, rows, work)
+    shutil.rmtree(work, ignore_errors=True)
+    checks = goals(args, rows, best, mid)
 
     results = {
         "description": "Agency vs. baseline pruning comparison",
         "quick": args.quick,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "transformers": __import__("transformers").__version__, "threads": args.threads,
-                        "date": time.strftime("%Y-%m-%d %H:%M:%S")},
+        "environment": {**common.environment(args.threads), "busy_at_start": warning},
         "data": {"train": [os.path.relpath(f, REPO) for f in args.train_files],
                  "eval": os.path.relpath(args.eval_file, REPO),
                  "eval_note": f"first {eval_ids.numel()} tokens of the eval file, disjoint 256-token windows"},
-        "model": {**args.model_size, "n_positions": 256, "vocab_size": 50257, "tokenizer": "GPT-2 BPE"},
+        "model": {**{k: getattr(baseline.config, k) for k in ("n_layer", "n_embd", "n_head", "n_positions",
+                                                               "vocab_size")}, "tokenizer": "GPT-2 BPE",
+                  "checkpoint": args.model},
         "training": train_info,
         "budget": args.budget,
         "strategies": args.strategies,
         "best_strategies": best,
-        "goal": goal,
-        "rows": rows,
+        "goal": {c["name"]: c["pass"] for c in checks},
+        "rows": list(rows),
         "peer_failures": failures,
         "wall_seconds": time.time() - started,
     }
-    os.makedirs(args.out, exist_ok=True)
-    results["figures"] = {k: os.path.relpath(v, REPO) for k, v in plot(results, args.out).items()}
-    atomic_write_text(os.path.join(args.out, "pruning_comparison.json"), json.dumps(results, indent=2))
-    atomic_write_text(os.path.join(args.out, "pruning_comparison.md"), markdown(results))
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
+    figures = plot(results, args.out)
+    results["figures"] = {k: os.path.relpath(v, args.out) for k, v in figures.items()}
+    paths = common.write_report(args.out, NAME, results, markdown(results)) + list(figures.values())
     print(markdown(results))
-    print(json.dumps(goal, indent=2))
     print(f"wall time {results['wall_seconds'] / 60:.1f} min")
-    return results
+    common.print_written(paths)
+    return common.report_checks(checks)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

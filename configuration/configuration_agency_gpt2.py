@@ -14,6 +14,58 @@ OPTIMIZATION_LEVELS = {
 }
 
 
+def _refuse_unsupported_gpt2_fields(kwargs):
+    """GPT-2 checkpoints may carry these fields: refuse the ones that change the model, drop the heads' ones."""
+    if kwargs.pop("reorder_and_upcast_attn", False):
+        raise ValueError("reorder_and_upcast_attn=True is not supported by AgencyGPT2; allowed: False.")
+    if kwargs.pop("add_cross_attention", False):
+        raise ValueError("add_cross_attention=True is not supported by AgencyGPT2; allowed: False.")
+    for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
+                "summary_first_dropout", "n_ctx"):
+        kwargs.pop(key, None)
+
+
+def _check_sizes(n_inner, **sizes):
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    n_embd, n_head = sizes["n_embd"], sizes["n_head"]
+    if n_embd % n_head != 0:
+        divisors = [h for h in range(1, n_embd + 1) if n_embd % h == 0 and h <= 64]
+        raise ValueError(
+            f"n_embd ({n_embd}) must be divisible by n_head ({n_head}); n_head values allowed for this "
+            f"n_embd include {divisors}."
+        )
+    if n_inner is not None and (not isinstance(n_inner, int) or n_inner <= 0):
+        raise ValueError(f"n_inner must be None or a positive integer, got {n_inner!r}.")
+
+
+def _check_fractions(**fractions):
+    for name, value in fractions.items():
+        if not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
+
+
+def _check_counts(minimum, **counts):
+    for name, value in counts.items():
+        if not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _features(optimization_level, use_unet_skips, use_baseline_fusion, hybrid_routing):
+    """(use_unet_skips, use_baseline_fusion, hybrid_routing): the level's choice unless overridden."""
+    if optimization_level not in OPTIMIZATION_LEVELS:
+        allowed = sorted(OPTIMIZATION_LEVELS)
+        raise ValueError(f"optimization_level must be one of {allowed}, got {optimization_level!r}.")
+    level_unet, level_fusion, level_hybrid = OPTIMIZATION_LEVELS[optimization_level]
+    use_unet_skips = level_unet if use_unet_skips is None else bool(use_unet_skips)
+    use_baseline_fusion = level_fusion if use_baseline_fusion is None else bool(use_baseline_fusion)
+    hybrid_routing = level_hybrid if hybrid_routing is None else bool(hybrid_routing)
+    if hybrid_routing and not use_baseline_fusion:
+        raise ValueError("hybrid_routing=True needs use_baseline_fusion=True (it routes to the baseline).")
+    return use_unet_skips, use_baseline_fusion, hybrid_routing
+
+
 class AgencyGPT2Config(PretrainedConfig):
     r"""
     Configuration of an AgencyGPT2 model: a GPT-2 whose attention heads carry gates and agency states.
@@ -121,51 +173,18 @@ class AgencyGPT2Config(PretrainedConfig):
         regrowth_gate=0.5,
         **kwargs,
     ):
-        # GPT-2 checkpoints may carry these; they change nothing we support.
-        if kwargs.pop("reorder_and_upcast_attn", False):
-            raise ValueError("reorder_and_upcast_attn=True is not supported by AgencyGPT2; allowed: False.")
-        if kwargs.pop("add_cross_attention", False):
-            raise ValueError("add_cross_attention=True is not supported by AgencyGPT2; allowed: False.")
-        for key in ("summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",
-                    "summary_first_dropout", "n_ctx"):
-            kwargs.pop(key, None)
-
-        for name, value in (("vocab_size", vocab_size), ("n_positions", n_positions), ("n_embd", n_embd),
-                            ("n_layer", n_layer), ("n_head", n_head)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if n_embd % n_head != 0:
-            divisors = [h for h in range(1, n_embd + 1) if n_embd % h == 0 and h <= 64]
-            raise ValueError(
-                f"n_embd ({n_embd}) must be divisible by n_head ({n_head}); n_head values allowed for this "
-                f"n_embd include {divisors}."
-            )
-        if n_inner is not None and (not isinstance(n_inner, int) or n_inner <= 0):
-            raise ValueError(f"n_inner must be None or a positive integer, got {n_inner!r}.")
-        for name, value in (("resid_pdrop", resid_pdrop), ("embd_pdrop", embd_pdrop), ("attn_pdrop", attn_pdrop),
-                            ("utilization_decay", utilization_decay), ("overload_threshold", overload_threshold),
-                            ("overloaded_scale", overloaded_scale), ("misaligned_scale", misaligned_scale),
-                            ("gate_prune_threshold", gate_prune_threshold), ("regrowth_gate", regrowth_gate)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value!r}.")
-        if optimization_level not in OPTIMIZATION_LEVELS:
-            raise ValueError(
-                f"optimization_level must be one of {sorted(OPTIMIZATION_LEVELS)}, got {optimization_level!r}."
-            )
-        for name, value in (("withdraw_after", withdraw_after), ("recovery_period", recovery_period),
-                            ("controller_update_frequency", controller_update_frequency),
-                            ("fusion_adapter_dim", fusion_adapter_dim)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-        if not isinstance(controller_warmup_steps, int) or controller_warmup_steps < 0:
-            raise ValueError(f"controller_warmup_steps must be an integer >= 0, got {controller_warmup_steps!r}.")
-
-        level_unet, level_fusion, level_hybrid = OPTIMIZATION_LEVELS[optimization_level]
-        use_unet_skips = level_unet if use_unet_skips is None else bool(use_unet_skips)
-        use_baseline_fusion = level_fusion if use_baseline_fusion is None else bool(use_baseline_fusion)
-        hybrid_routing = level_hybrid if hybrid_routing is None else bool(hybrid_routing)
-        if hybrid_routing and not use_baseline_fusion:
-            raise ValueError("hybrid_routing=True needs use_baseline_fusion=True (it routes to the baseline).")
+        _refuse_unsupported_gpt2_fields(kwargs)
+        _check_sizes(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                     n_inner=n_inner)
+        _check_fractions(resid_pdrop=resid_pdrop, embd_pdrop=embd_pdrop, attn_pdrop=attn_pdrop,
+                         utilization_decay=utilization_decay, overload_threshold=overload_threshold,
+                         overloaded_scale=overloaded_scale, misaligned_scale=misaligned_scale,
+                         gate_prune_threshold=gate_prune_threshold, regrowth_gate=regrowth_gate)
+        _check_counts(1, withdraw_after=withdraw_after, recovery_period=recovery_period,
+                      controller_update_frequency=controller_update_frequency, fusion_adapter_dim=fusion_adapter_dim)
+        _check_counts(0, controller_warmup_steps=controller_warmup_steps)
+        use_unet_skips, use_baseline_fusion, hybrid_routing = _features(optimization_level, use_unet_skips,
+                                                                         use_baseline_fusion, hybrid_routing)
 
         self.vocab_size = vocab_size
         self.n_positions = n_positions

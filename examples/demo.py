@@ -1,7 +1,12 @@
 """armada demo (`make demo`): train a small GPT-2, convert it to AgencyGPT2, prune half its heads two ways,
 compare perplexity / size / speed with the unpruned GPT-2, save the best, reload it through the Auto classes and
-generate; then train a tiny UnifiedARMT whose answers must cross segments through its memory. Runs offline on CPU
-in about 6 minutes (`--quick`: about a minute).
+generate; then train a tiny UnifiedARMT whose answers must cross segments through its memory. Runs offline on CPU;
+training takes a fixed 3 minutes and the whole demo DEMO_DURATION (`--quick`: about a minute on idle cores).
+
+Generation speed is measured as benchmarks/agency_speed.py does (benchmarks/common.py): the models take turns in
+interleaved rounds (a new order each round), and each speed-up is the median over rounds of two speeds measured in
+the same round. The demo warns when other processes are using the CPUs (at the start, and when samples ran under
+their load): its speed column then says little.
 
     python examples/demo.py [--quick] [--train-seconds 180] [--output-dir outputs/demo]
 
@@ -16,6 +21,7 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
@@ -23,14 +29,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, set_seed
 
-import armada  # noqa: F401  (registers agency_gpt2 with the Auto classes)
-from armada import AgencyGPT2ForCausalLM
-from armada.evaluation import generation_speed, perplexity_on_blocks
-from armada.io_utils import atomic_directory, atomic_write_text
-from armada.pruning import prune
-from armada.tokenization import gpt2_tokenizer
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # benchmarks/common.py: the speed measurement shared with the benchmarks
+import armada  # noqa: E402,F401  (registers agency_gpt2 with the Auto classes)
+from armada import AgencyGPT2ForCausalLM  # noqa: E402
+from armada.evaluation import perplexity_on_blocks  # noqa: E402
+from armada.io_utils import atomic_directory, atomic_write_text  # noqa: E402
+from armada.pruning import prune  # noqa: E402
+from armada.tokenization import gpt2_tokenizer  # noqa: E402
+from benchmarks import common  # noqa: E402
+
 DATA_DIR = os.path.normpath(os.path.join(REPO, "..", "shared", "data"))
 PROMPT = "KING RICHARD III:\nNow is the winter of our discontent\n"
 
@@ -215,16 +223,23 @@ def heads_per_layer(model):
     return [model.config.n_head - len(model.config.pruned_heads.get(i, [])) for i in range(model.config.n_layer)]
 
 
-def speeds(models, prompt_ids, rounds=3):
-    """Greedy, batch 1, 64 new tokens; the models take turns in each round so background load hits them alike.
-    Returns tokens/s from the median time over `rounds`."""
-    times = {name: [] for name in models}
-    for name, model in models.items():  # warm-up
-        generation_speed(model, prompt_ids, new_tokens=64, repeats=1, warmup=0)
-    for _ in tqdm(range(rounds), desc="generation speed"):
-        for name, model in models.items():
-            times[name].append(generation_speed(model, prompt_ids, new_tokens=64, repeats=1, warmup=0)["seconds"])
-    return {name: 64 / statistics.median(t) for name, t in times.items()}
+def speeds(models, prompt_ids, rounds, max_wait, seed, baseline="gpt2 (unpruned)"):
+    """Greedy generation, batch 1, 64 new tokens, timed as benchmarks/agency_speed.py does (benchmarks/common.py):
+    interleaved rounds in a new order each round, samples under other processes' load waited out or re-run from a
+    `max_wait` budget, and each speed-up the median over rounds of the two speeds measured in the same round.
+    Returns ({name: (median tokens/s, paired speed-up vs `baseline`)}, contended samples, total samples)."""
+    kwargs = dict(attention_mask=torch.ones_like(prompt_ids), do_sample=False, max_new_tokens=64, min_new_tokens=64,
+                  pad_token_id=0)
+    measures = {"generate": (lambda model: model.generate(prompt_ids, **kwargs), 64)}
+    bar = tqdm(total=rounds * len(models), desc="generation speed (interleaved rounds)")
+    with torch.inference_mode():
+        tps, loads = common.interleaved_rounds(models, measures, rounds, warmup=1,
+                                               monitor=common.LoadMonitor(max_wait), seed=seed, progress=bar)
+    bar.close()
+    base = tps[baseline]["generate"]
+    contended = sum(load > common.CONTENDED for name in loads for load in loads[name]["generate"])
+    return ({name: (statistics.median(t["generate"]), common.paired_ratio(t["generate"], base))
+             for name, t in tps.items()}, contended, rounds * len(models))
 
 
 def print_table(rows, eval_names, baseline="gpt2 (unpruned)"):
@@ -234,7 +249,7 @@ def print_table(rows, eval_names, baseline="gpt2 (unpruned)"):
     for name, r in rows.items():
         print(f"{name:<22}{str(r['heads_per_layer']):<16}{r['params']:>12,}{r['non_embedding_params']:>11,}"
               + "".join(f"{r['perplexity'][n]:>16.2f}" for n in eval_names)
-              + f"{r['tokens_per_s']:>9.1f}{r['tokens_per_s'] / rows[baseline]['tokens_per_s']:>8.2f}x")
+              + f"{r['tokens_per_s']:>9.1f}{r['speedup']:>8.2f}x")
 
 
 def reload_and_generate(best, best_name, tokenizer, args):
@@ -308,7 +323,7 @@ def armt_memory_demo(args):
             "steps": args.armt_steps, "parameters": model.num_parameters()}
 
 
-def main():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 20s of training, small evaluation")
     parser.add_argument("--train-seconds", type=float, default=None, help="training budget (default 180, quick 20)")
@@ -327,15 +342,70 @@ def main():
     parser.add_argument("--sample-tokens", type=int, default=60)
     parser.add_argument("--armt-steps", type=int, default=None, help="UnifiedARMT training steps (default 500, "
                                                                       "quick 60)")
+    parser.add_argument("--speed-rounds", type=int, default=None, help="timed rounds of generation (default 5, "
+                                                                        "quick 3)")
+    parser.add_argument("--max-wait", type=float, default=30.0,
+                        help="seconds the speed measurement may spend waiting for other processes to go quiet")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.train_seconds = args.train_seconds or (20.0 if args.quick else 180.0)
     args.eval_blocks = args.eval_blocks or (8 if args.quick else 64)
     args.armt_steps = args.armt_steps or (60 if args.quick else 500)
+    args.speed_rounds = args.speed_rounds or (3 if args.quick else 5)
+    return args
+
+
+def convert(gpt2, evals, ppl):
+    """AgencyGPT2 from the trained GPT-2; its perplexities must equal GPT-2's."""
+    agency = AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()
+    agency_ppl = evaluate(agency, evals)
+    for name in evals:
+        rel = abs(agency_ppl[name] - ppl[name]) / ppl[name]
+        print(f"{name:>10}: GPT-2 {ppl[name]:.4f}   AgencyGPT2 {agency_ppl[name]:.4f}   relative diff {rel:.1e}")
+        assert rel < 1e-4, f"conversion changed the {name} perplexity"
+    return agency, agency_ppl
+
+
+def prune_and_compare(gpt2, agency, ppl, agency_ppl, calibration, evals, args, busy):
+    """Prune a fresh AgencyGPT2 per strategy; size, perplexity and paired generation speed-up of every model."""
+    models = {"gpt2 (unpruned)": gpt2, "agency (unpruned)": agency}
+    for strategy in args.strategies.split(","):
+        model = AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()  # a fresh copy for each strategy
+        removed = prune(model, args.level, strategy, data=calibration)
+        print(f"{strategy:>10}: removed {sum(map(len, removed.values()))} heads {removed}; "
+              f"heads per layer now {model.num_heads_per_layer()}")
+        models[f"agency {strategy} {args.level:.0%}"] = model
+    rows = {name: {"heads_per_layer": heads_per_layer(m), **sizes(m)} for name, m in models.items()}
+    for name, m in models.items():
+        rows[name]["perplexity"] = ppl if m is gpt2 else agency_ppl if m is agency else evaluate(m, evals)
+    prompt_ids = evals["held-out"][:1, :32]
+    measured, contended, total = speeds(models, prompt_ids, args.speed_rounds, args.max_wait, args.seed)
+    for name, (tps, speedup) in measured.items():
+        rows[name].update(tokens_per_s=tps, speedup=speedup)
+    print()
+    print_table(rows, list(evals))
+    lm_head = gpt2.lm_head.weight.numel() / rows["gpt2 (unpruned)"]["params"]
+    removed = 1 - min(r["params"] for r in rows.values()) / rows["gpt2 (unpruned)"]["params"]
+    print(f"note: decoding one token at batch 1 reads every weight once; the tied {gpt2.lm_head.weight.shape[0]}x"
+          f"{gpt2.lm_head.weight.shape[1]} lm_head is {lm_head:.0%} of them and pruning removed {removed:.1%}, so the "
+          "speed-up is small at this size (it grows with depth and width relative to the vocabulary).")
+    print(f"speed-up: median over {args.speed_rounds} rounds of (model tokens/s / unpruned GPT-2 tokens/s in the same "
+          "round); 'agency (unpruned)' computes what GPT-2 does, so its distance from 1.00x is this run's noise.")
+    for warning in (busy, common.contention_warning(contended, total)):
+        if warning:
+            print(warning)
+    return models, rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     set_seed(args.seed)
     start, timings = time.perf_counter(), {}
+    busy = common.busy_machine_warning()
+    if busy:
+        print(busy)
 
     def done(name, since):
         timings[name] = round(time.perf_counter() - since, 1)
@@ -356,35 +426,11 @@ def main():
     t = done("train", t)
 
     section("4. Convert to AgencyGPT2 (must be exactly GPT-2)")
-    agency = AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()
-    agency_ppl = evaluate(agency, evals)
-    for name in evals:
-        rel = abs(agency_ppl[name] - ppl[name]) / ppl[name]
-        print(f"{name:>10}: GPT-2 {ppl[name]:.4f}   AgencyGPT2 {agency_ppl[name]:.4f}   relative diff {rel:.1e}")
-        assert rel < 1e-4, f"conversion changed the {name} perplexity"
+    agency, agency_ppl = convert(gpt2, evals, ppl)
     t = done("convert", t)
 
     section(f"5. Prune {args.level:.0%} of the heads: {args.strategies}")
-    models = {"gpt2 (unpruned)": gpt2, "agency (unpruned)": agency}
-    for strategy in args.strategies.split(","):
-        model = AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()  # a fresh copy for each strategy
-        removed = prune(model, args.level, strategy, data=calibration)
-        print(f"{strategy:>10}: removed {sum(map(len, removed.values()))} heads {removed}; "
-              f"heads per layer now {model.num_heads_per_layer()}")
-        models[f"agency {strategy} {args.level:.0%}"] = model
-    rows = {name: {"heads_per_layer": heads_per_layer(m), **sizes(m)} for name, m in models.items()}
-    for name, m in models.items():
-        rows[name]["perplexity"] = ppl if m is gpt2 else agency_ppl if m is agency else evaluate(m, evals)
-    prompt_ids = evals["held-out"][:1, :32]
-    for name, tps in speeds(models, prompt_ids).items():
-        rows[name]["tokens_per_s"] = tps
-    print()
-    print_table(rows, list(evals))
-    lm_head = gpt2.lm_head.weight.numel() / rows["gpt2 (unpruned)"]["params"]
-    removed = 1 - min(r["params"] for r in rows.values()) / rows["gpt2 (unpruned)"]["params"]
-    print(f"note: decoding one token at batch 1 reads every weight once; the tied {gpt2.lm_head.weight.shape[0]}x"
-          f"{gpt2.lm_head.weight.shape[1]} lm_head is {lm_head:.0%} of them and pruning removed {removed:.1%}, so the "
-          "speed-up is small at this size (it grows with depth and width relative to the vocabulary).")
+    models, rows = prune_and_compare(gpt2, agency, ppl, agency_ppl, calibration, evals, args, busy)
     t = done("prune+compare", t)
 
     section("6. Save the best pruned model, reload it with AutoModelForCausalLM, generate")
@@ -401,7 +447,8 @@ def main():
     section("8. Summary")
     timings["total"] = round(time.perf_counter() - start, 1)
     summary = {"args": vars(args), "data": data_info, "training": train_info, "results": rows,
-               "best": best_name, "reload": reload_info, "armt": armt_info, "timings_s": timings}
+               "best": best_name, "reload": reload_info, "armt": armt_info, "timings_s": timings,
+               "busy_at_start": busy}
     path = os.path.join(args.output_dir, "demo_summary.json")
     atomic_write_text(path, json.dumps(summary, indent=2))
     print_table(rows, list(evals))

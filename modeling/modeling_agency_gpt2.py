@@ -20,13 +20,24 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
-from transformers.utils import logging
 
 from ..configuration.configuration_agency_gpt2 import AGENCY_STATES, AgencyGPT2Config
 
-logger = logging.get_logger(__name__)
-
 ACTIVE, OVERLOADED, MISALIGNED, WITHDRAWN = range(4)
+# The agency state of every head: [n_layer, n_head] buffers saved with the model, name -> (dtype, value at reset).
+AGENCY_BUFFERS = {
+    "head_state": (torch.long, ACTIVE),
+    "consent": (torch.float32, 1.0),
+    "utilization": (torch.float32, 0.0),
+    "importance": (torch.float32, 0.0),
+    "gate_grad_ema": (torch.float32, 0.0),
+    "observations": (torch.long, 0),
+    "state_age": (torch.long, 0),
+    "overload_streak": (torch.long, 0),
+}
+# AgencyGPT2Model attributes a GPT-2 checkpoint does not have (from_gpt2 leaves them at their initial values).
+AGENCY_ONLY = ("head_gates", *AGENCY_BUFFERS, "unet_skips", "baseline", "fusion_adapters", "fusion_gates", "router",
+               "hybrid_gate")
 
 
 def _is_tracing() -> bool:
@@ -493,7 +504,6 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
     def __init__(self, config: AgencyGPT2Config):
         super().__init__(config)
         L, H = config.n_layer, config.n_head
-        self.embed_dim = config.n_embd
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.n_positions, config.n_embd)
         self.drop = nn.Dropout(config.embd_pdrop)
@@ -502,14 +512,8 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
 
         # Head gates (learnable) and agency state (buffers, saved with the model), all [n_layer, n_head].
         self.head_gates = nn.Parameter(torch.ones(L, H))
-        self.register_buffer("head_state", torch.zeros(L, H, dtype=torch.long))
-        self.register_buffer("consent", torch.ones(L, H))
-        self.register_buffer("utilization", torch.zeros(L, H))
-        self.register_buffer("importance", torch.zeros(L, H))
-        self.register_buffer("gate_grad_ema", torch.zeros(L, H))
-        self.register_buffer("observations", torch.zeros(L, H, dtype=torch.long))
-        self.register_buffer("state_age", torch.zeros(L, H, dtype=torch.long))
-        self.register_buffer("overload_streak", torch.zeros(L, H, dtype=torch.long))
+        for name, (dtype, value) in AGENCY_BUFFERS.items():
+            self.register_buffer(name, torch.full((L, H), value, dtype=dtype))
         self.register_buffer(
             "state_scale", torch.tensor([1.0, config.overloaded_scale, config.misaligned_scale, 0.0]), persistent=False
         )
@@ -541,10 +545,8 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
 
     @torch.no_grad()
     def reset_agency_state(self):
-        for name in ("head_state", "utilization", "importance", "gate_grad_ema", "observations", "state_age",
-                     "overload_streak"):
-            getattr(self, name).zero_()
-        self.consent.fill_(1.0)
+        for name, (_, value) in AGENCY_BUFFERS.items():
+            getattr(self, name).fill_(value)
 
     def _first_attending_layer(self) -> int:
         """Cache slot that tells the cached length (a layer with every head pruned stores empty keys)."""
@@ -591,99 +593,29 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
 
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None:
-            if not _is_tracing() and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
-                raise ValueError(
-                    f"input_ids must be in [0, {cfg.vocab_size - 1}] (vocab_size={cfg.vocab_size}); got values in "
-                    f"[{int(input_ids.min())}, {int(input_ids.max())}]."
-                )
-            inputs_embeds = self.wte(input_ids)
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
         batch, seq_len = inputs_embeds.shape[:2]
-
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        if past_key_values is not None and self.baseline is not None:
-            while len(past_key_values.layers) < 2 * cfg.n_layer:  # cache slots for the baseline's blocks
-                past_key_values.layers.append(DynamicLayer())
-        past_len = past_key_values.get_seq_length(self._first_attending_layer()) if past_key_values is not None else 0
+        past_key_values, past_len = self._cache(past_key_values, use_cache, seq_len)
         _check_inputs(input_ids, inputs_embeds, attention_mask, past_len)
-        if past_len + seq_len > cfg.n_positions:
-            raise ValueError(
-                f"Sequence length {past_len + seq_len} (cache {past_len} + input {seq_len}) exceeds n_positions="
-                f"{cfg.n_positions}."
-            )
         if cache_position is None:
             cache_position = torch.arange(past_len, past_len + seq_len, device=inputs_embeds.device)
         if position_ids is None:
             position_ids = cache_position.unsqueeze(0)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2-D (batch, past + input length); got {attention_mask.dim()}-D.")
-
         use_eager = output_attentions or cfg._attn_implementation == "eager"
         mask = self._attention_mask(
             attention_mask, batch, seq_len, past_len, inputs_embeds.dtype, inputs_embeds.device, use_eager
         )
-        is_causal = mask is None and seq_len > 1
+        layer_kwargs = dict(attention_mask=mask, past_key_values=past_key_values, cache_position=cache_position,
+                            is_causal=mask is None and seq_len > 1)
 
         hidden_states = self.drop(inputs_embeds + self.wpe(position_ids))
-        scales = self.head_scales()
-        if not torch.is_grad_enabled() and not _is_tracing() and bool((scales == 1).all()):
-            scales = None  # inference with every gate open (e.g. a GPT-2 just converted or pruned): skip the multiply
-
-        base_states = None
-        if self.baseline is not None:
-            with torch.no_grad():
-                base_embeds = self.baseline.wte(input_ids) if input_ids is not None else inputs_embeds
-                base_states = base_embeds + self.baseline.wpe(position_ids)
-        skips = {}
-        skip_into = {dst: (k, src) for k, (src, dst) in enumerate(self.unet_pairs)}
-
-        all_hidden_states = () if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        for i, block in enumerate(self.h):
-            if i in skip_into:
-                k, src = skip_into[i]
-                hidden_states = hidden_states + self.unet_skips[k](skips[src])
-            if output_hidden_states:
-                all_hidden_states = all_hidden_states + (hidden_states,)
-            attn = block.attn
-            if scales is None or attn.num_heads == cfg.n_head:
-                layer_scale = None if scales is None else scales[i]
-            else:
-                layer_scale = scales[i].index_select(0, attn.head_index)
-            hidden_states, attn_weights = block(
-                hidden_states,
-                layer_scale,
-                attention_mask=mask,
-                past_key_values=past_key_values,
-                cache_position=cache_position,
-                output_attentions=output_attentions,
-                is_causal=is_causal,
-            )
-            if base_states is not None:
-                with torch.no_grad():
-                    base_states, _ = self.baseline.h[i](
-                        base_states,
-                        None,  # the baseline's heads are never scaled
-                        attention_mask=mask,
-                        past_key_values=past_key_values,
-                        cache_position=cache_position,
-                        is_causal=is_causal,
-                    )
-                hidden_states = hidden_states + self.fusion_gates[i] * self.fusion_adapters[i](base_states)
-            if self.unet_pairs and i < len(self.unet_pairs):
-                skips[i] = hidden_states
-            if output_attentions:
-                all_attentions = all_attentions + (attn_weights,)
-
-        hidden_states = self.ln_f(hidden_states)
-        if self.router is not None:
-            with torch.no_grad():
-                base_final = self.baseline.ln_f(base_states)
-            route = self.hybrid_gate * torch.sigmoid(self.router(hidden_states))  # (B, T, 1)
-            hidden_states = hidden_states + route * (base_final - hidden_states)
+        base_states = self._baseline_inputs(input_ids, inputs_embeds, position_ids)
+        hidden_states, base_states, all_hidden_states, all_attentions = self._run_blocks(
+            hidden_states, base_states, layer_kwargs, output_attentions, output_hidden_states
+        )
+        hidden_states = self._final_norm(hidden_states, base_states)
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
 
@@ -698,6 +630,87 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
+
+    def _embed(self, input_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is None:
+            return inputs_embeds
+        vocab_size = self.config.vocab_size
+        if not _is_tracing() and input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+            raise ValueError(
+                f"input_ids must be in [0, {vocab_size - 1}] (vocab_size={vocab_size}); got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]."
+            )
+        return self.wte(input_ids)
+
+    def _cache(self, past_key_values, use_cache, seq_len):
+        """The cache to use (a new DynamicCache when asked for one, with slots for the baseline's blocks) and the
+        length already in it; refuses inputs beyond the position table."""
+        cfg = self.config
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        if past_key_values is not None and self.baseline is not None:
+            while len(past_key_values.layers) < 2 * cfg.n_layer:  # cache slots for the baseline's blocks
+                past_key_values.layers.append(DynamicLayer())
+        past_len = past_key_values.get_seq_length(self._first_attending_layer()) if past_key_values is not None else 0
+        if past_len + seq_len > cfg.n_positions:
+            raise ValueError(
+                f"Sequence length {past_len + seq_len} (cache {past_len} + input {seq_len}) exceeds n_positions="
+                f"{cfg.n_positions}."
+            )
+        return past_key_values, past_len
+
+    def _baseline_inputs(self, input_ids, inputs_embeds, position_ids):
+        """Input of the frozen baseline's first block (fusion), or None without a baseline."""
+        if self.baseline is None:
+            return None
+        with torch.no_grad():
+            base_embeds = self.baseline.wte(input_ids) if input_ids is not None else inputs_embeds
+            return base_embeds + self.baseline.wpe(position_ids)
+
+    def _layer_scales(self):
+        """Per layer, the multiplier of each kept head's output, or None where every one is 1 (inference with
+        every gate open, e.g. a GPT-2 just converted or pruned: the multiply is skipped)."""
+        scales = self.head_scales()
+        if not torch.is_grad_enabled() and not _is_tracing() and bool((scales == 1).all()):
+            return [None] * len(self.h)
+        return [scales[i] if block.attn.num_heads == self.config.n_head else
+                scales[i].index_select(0, block.attn.head_index) for i, block in enumerate(self.h)]
+
+    def _run_blocks(self, hidden_states, base_states, layer_kwargs, output_attentions, output_hidden_states):
+        """The blocks in order, with U-Net skips and fusion with the baseline's block of the same layer."""
+        skips, skip_into = {}, {dst: (k, src) for k, (src, dst) in enumerate(self.unet_pairs)}
+        all_hidden_states = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for i, (block, layer_scale) in enumerate(zip(self.h, self._layer_scales())):
+            if i in skip_into:
+                k, src = skip_into[i]
+                hidden_states = hidden_states + self.unet_skips[k](skips[src])
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+            hidden_states, attn_weights = block(
+                hidden_states, layer_scale, output_attentions=output_attentions, **layer_kwargs
+            )
+            if base_states is not None:
+                with torch.no_grad():  # the baseline's heads are never scaled
+                    base_states, _ = self.baseline.h[i](base_states, None, **layer_kwargs)
+                hidden_states = hidden_states + self.fusion_gates[i] * self.fusion_adapters[i](base_states)
+            if i < len(self.unet_pairs):
+                skips[i] = hidden_states
+            if output_attentions:
+                all_attentions = all_attentions + (attn_weights,)
+        return hidden_states, base_states, all_hidden_states, all_attentions
+
+    def _final_norm(self, hidden_states, base_states):
+        """ln_f, then (hybrid routing) a per-token mix towards the baseline's final hidden states."""
+        hidden_states = self.ln_f(hidden_states)
+        if self.router is None:
+            return hidden_states
+        with torch.no_grad():
+            base_final = self.baseline.ln_f(base_states)
+        route = self.hybrid_gate * torch.sigmoid(self.router(hidden_states))  # (B, T, 1)
+        return hidden_states + route * (base_final - hidden_states)
 
 
 class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
@@ -763,6 +776,26 @@ class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
         )
 
+    @staticmethod
+    def _left_align(input_ids, attention_mask):
+        """Move each row's padding (attention_mask == 0) to its left end, keeping the real tokens in order: decoding
+        appends after the last column, so a right-padded row would otherwise continue from its padding."""
+        if input_ids is None or attention_mask is None or input_ids.shape != attention_mask.shape:
+            return input_ids, attention_mask
+        order = torch.sort(attention_mask.to(torch.int8), dim=1, stable=True).indices  # padding first
+        return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate` for prompts padded on either side. Right-padded rows (the package's
+        `gpt2_tokenizer()` pads on the right) are left-aligned first, so every row continues from its own last real
+        token and gets the tokens it gets alone; the returned sequences are therefore left-padded."""
+        if inputs is None and "input_ids" in kwargs:
+            inputs = kwargs.pop("input_ids")
+        _check_inputs(inputs, None, kwargs.get("attention_mask"))
+        if kwargs.get("attention_mask") is not None:
+            inputs, kwargs["attention_mask"] = self._left_align(inputs, kwargs["attention_mask"])
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
     @classmethod
     def from_gpt2(cls, model_or_path, **config_overrides) -> "AgencyGPT2ForCausalLM":
         """Convert a GPT-2 checkpoint (`GPT2LMHeadModel`/`GPT2Model`, a local directory or a Hub id) to AgencyGPT2.
@@ -805,21 +838,13 @@ class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected:
             raise ValueError(f"from_gpt2: the checkpoint has weights AgencyGPT2 does not know: {unexpected[:5]}")
-        agency_only = ("head_gates", "head_state", "consent", "utilization", "importance", "gate_grad_ema",
-                       "observations", "state_age", "overload_streak", "unet_skips", "baseline", "fusion_",
-                       "router", "hybrid_gate")
-        not_copied = [k for k in missing if not any(part in k for part in agency_only)]
+        not_copied = [k for k in missing if not (k.startswith("transformer.") and k.split(".")[1] in AGENCY_ONLY)]
         if not_copied:
             raise ValueError(f"from_gpt2: GPT-2 weights missing from the checkpoint: {not_copied[:5]}")
         if model.transformer.baseline is not None:
             model.load_baseline(source)
         model.tie_weights()
         return model
-
-    @torch.no_grad()
-    def generate(self, inputs=None, *args, **kwargs):
-        _check_inputs(inputs if inputs is not None else kwargs.get("input_ids"), None, kwargs.get("attention_mask"))
-        return super().generate(inputs, *args, **kwargs)
 
     def load_baseline(self, gpt2):
         """Copy an (unpruned) GPT-2's weights into the frozen baseline used by fusion / hybrid routing."""

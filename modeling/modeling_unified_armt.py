@@ -468,29 +468,66 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else cfg.output_hidden_states)
         return_dict = return_dict if return_dict is not None else cfg.use_return_dict
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
-        if input_ids is not None and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
-            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= cfg.vocab_size):
-                raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got values in "
-                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+        self._check_inputs(input_ids, inputs_embeds)
 
         _check_inputs(input_ids, inputs_embeds, attention_mask)
         tokens, lengths, order = self._pack(input_ids, inputs_embeds, attention_mask)
         batch, length = tokens.shape[:2]
-        device = tokens.device
         dtype = self.wte.weight.dtype if inputs_embeds is None else inputs_embeds.dtype
         if length == 0:
             raise ValueError("the input has no tokens (sequence length 0)")
-        s = cfg.segment_size
         fresh = memory_state is None
-        state = memory_state or UnifiedARMTMemoryState.empty(cfg, batch, device, dtype)
+        state = memory_state or UnifiedARMTMemoryState.empty(cfg, batch, tokens.device, dtype)
         if state.batch_size != batch:
             raise ValueError(f"memory_state holds {state.batch_size} rows but the input has {batch}")
+        bounds = self._piece_bounds(state, lengths, length, fresh)
 
-        # Cut the input into pieces that never cross a segment boundary for any row. From a fresh state every row
-        # starts at slot 0, so pieces are whole segments (static: traceable). A continued stream may have rows at
-        # different fill levels: then a piece ends where the fullest row's segment does.
+        outputs, all_hidden, all_attn, mem_attn = [], [], [], []
+        n_pieces = len(bounds) - 1
+        for i in range(n_pieces):
+            start, end = bounds[i], bounds[i + 1]
+            state, piece_hidden, piece_attn = self._run_piece(
+                tokens[:, start:end], (lengths - start).clamp(0, end - start), state, inputs_embeds is not None,
+                output_attentions,
+            )
+            outputs.append(self.ln_f(piece_hidden[-1]))
+            if output_hidden_states:
+                all_hidden.append(piece_hidden)
+            if output_attentions:
+                all_attn.append(piece_attn)
+
+            # Commit the rows whose segment is now full. From a fresh state that can only happen at the end of a
+            # whole segment, decided statically (the last one is skipped when no state is returned).
+            full = state.fill == cfg.segment_size
+            if fresh:
+                needed = end - start == cfg.segment_size and (use_cache or i < n_pieces - 1)
+            else:
+                needed = bool(full.any())
+            if needed:
+                state, w = self._commit(state, full, output_attentions)
+                mem_attn.append(w)
+                if cfg.max_backprop_segments is not None and i < n_pieces - cfg.max_backprop_segments:
+                    # truncated BPTT: this write is read only by segments that lie outside the backprop window
+                    state.memory = [(A.detach(), z.detach()) for A, z in state.memory]
+
+        out = self._collect(outputs, all_hidden, all_attn, mem_attn, order, output_hidden_states, output_attentions)
+        out = UnifiedARMTModelOutput(memory_state=state if use_cache else None, **out)
+        return out if return_dict else out.to_tuple()
+
+    def _check_inputs(self, input_ids, inputs_embeds):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of `input_ids` and `inputs_embeds`")
+        if input_ids is not None and not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            vocab_size = self.config.vocab_size
+            if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+                raise ValueError(f"token ids must be in [0, vocab_size={vocab_size}), got values in "
+                                 f"[{int(input_ids.min())}, {int(input_ids.max())}]")
+
+    def _piece_bounds(self, state, lengths, length, fresh):
+        """Cut points of the input into pieces that never cross a segment boundary for any row. From a fresh state
+        every row starts at slot 0, so pieces are whole segments (static: traceable). A continued stream may have
+        rows at different fill levels: then a piece ends where the fullest row's segment does."""
+        s = self.config.segment_size
         if fresh:
             bounds = list(range(0, length, s)) + [length]
         else:
@@ -503,70 +540,52 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
                 fill_now = [f + max(0, min(end, n) - start) for f, n in zip(fill_now, lengths.tolist())]
                 fill_now = [0 if f == s else f for f in fill_now]
                 start = end
-        n_pieces = len(bounds) - 1
-        if cfg.max_segments is not None and n_pieces > cfg.max_segments:
-            raise ValueError(f"the input needs {n_pieces} segments, more than config.max_segments={cfg.max_segments}")
+        if self.config.max_segments is not None and len(bounds) - 1 > self.config.max_segments:
+            raise ValueError(f"the input needs {len(bounds) - 1} segments, more than config.max_segments="
+                             f"{self.config.max_segments}")
+        return bounds
 
+    def _run_piece(self, piece_tokens, real, state, is_embeds, output_attentions):
+        """Every layer over one piece, appended to the open segment's cache; `real` (B,) counts each row's real
+        tokens in the piece. Returns the new state, the hidden states (input + one per layer) and attentions."""
+        s, device, piece = self.config.segment_size, piece_tokens.device, piece_tokens.shape[1]
         slots = torch.arange(s, device=device)
-        outputs, all_hidden, all_attn, mem_attn = [], [], [], []
-        for i in range(n_pieces):
-            start, end = bounds[i], bounds[i + 1]
-            piece = end - start
-            real = (lengths - start).clamp(0, piece)  # (B,) real tokens of each row in this piece
-            fill = state.fill
-            positions = (fill.unsqueeze(1) + torch.arange(piece, device=device)).clamp_max(s - 1)
-            embeds = self.wte(tokens[:, start:end]) if inputs_embeds is None else tokens[:, start:end]
-            rotary = self._rotary(positions, embeds.dtype)
-            hidden = self.drop(embeds if rotary is not None else embeds + self.wpe(positions))
-            source = (slots - fill.unsqueeze(1)).clamp(0, piece - 1)  # which new token lands in slot p
-            write = (slots >= fill.unsqueeze(1)) & (slots < (fill + real).unsqueeze(1))
-            visible = slots.view(1, 1, s) <= positions.unsqueeze(-1)  # (B, piece, S): causal inside the segment
-            mask = _additive(visible.unsqueeze(1), hidden.dtype)
-            keys, values, piece_hidden, piece_attn = [], [], [hidden], []
-            for layer, block in enumerate(self.h):
-                A, z = state.memory[layer]
-                hidden, k, v, w = block(hidden, A, z, state.keys[layer], state.values[layer], source, write, mask,
-                                        rotary=rotary, output_attentions=output_attentions)
-                keys.append(k)
-                values.append(v)
-                piece_hidden.append(hidden)
-                piece_attn.append(w)
-            state = UnifiedARMTMemoryState(state.memory, keys, values, fill + real, state.segments)
-            outputs.append(self.ln_f(hidden))
-            if output_hidden_states:
-                all_hidden.append(piece_hidden)
-            if output_attentions:
-                all_attn.append(piece_attn)
+        fill = state.fill
+        positions = (fill.unsqueeze(1) + torch.arange(piece, device=device)).clamp_max(s - 1)
+        embeds = piece_tokens if is_embeds else self.wte(piece_tokens)
+        rotary = self._rotary(positions, embeds.dtype)
+        hidden = self.drop(embeds if rotary is not None else embeds + self.wpe(positions))
+        source = (slots - fill.unsqueeze(1)).clamp(0, piece - 1)  # which new token lands in slot p
+        write = (slots >= fill.unsqueeze(1)) & (slots < (fill + real).unsqueeze(1))
+        visible = slots.view(1, 1, s) <= positions.unsqueeze(-1)  # (B, piece, S): causal inside the segment
+        mask = _additive(visible.unsqueeze(1), hidden.dtype)
+        keys, values, piece_hidden, piece_attn = [], [], [hidden], []
+        for layer, block in enumerate(self.h):
+            A, z = state.memory[layer]
+            hidden, k, v, w = block(hidden, A, z, state.keys[layer], state.values[layer], source, write, mask,
+                                    rotary=rotary, output_attentions=output_attentions)
+            keys.append(k)
+            values.append(v)
+            piece_hidden.append(hidden)
+            piece_attn.append(w)
+        return UnifiedARMTMemoryState(state.memory, keys, values, fill + real, state.segments), piece_hidden, piece_attn
 
-            # Commit the rows whose segment is now full. From a fresh state that can only happen at the end of a
-            # whole segment, decided statically (the last one is skipped when no state is returned).
-            full = state.fill == s
-            if fresh:
-                needed = piece == s and (use_cache or i < n_pieces - 1)
-            else:
-                needed = bool(full.any())
-            if needed:
-                state, w = self._commit(state, full, output_attentions)
-                mem_attn.append(w)
-                if cfg.max_backprop_segments is not None and i < n_pieces - cfg.max_backprop_segments:
-                    # truncated BPTT: this write is read only by segments that lie outside the backprop window
-                    state.memory = [(A.detach(), z.detach()) for A, z in state.memory]
-
+    def _collect(self, outputs, all_hidden, all_attn, mem_attn, order, output_hidden_states, output_attentions):
+        """The pieces' outputs joined and put back in the input's order (padding where it was), as output fields."""
+        n_layers = len(self.h)
         hidden = self._unpack(torch.cat(outputs, dim=1), order)
         hidden_states = attentions = memory_attentions = None
         if output_hidden_states:
             hidden_states = tuple(
                 self._unpack(torch.cat([p[j] for p in all_hidden], dim=1), order)
-                if j < len(self.h) else hidden for j in range(len(self.h) + 1))
+                if j < n_layers else hidden for j in range(n_layers + 1))
         if output_attentions:
             attentions = tuple(self._unpack(torch.cat([p[j] for p in all_attn], dim=2).transpose(1, 2), order)
-                               .transpose(1, 2) for j in range(len(self.h)))
+                               .transpose(1, 2) for j in range(n_layers))
             memory_attentions = tuple(
-                torch.stack([c[j] for c in mem_attn], dim=1) if mem_attn else None for j in range(len(self.h)))
-        out = UnifiedARMTModelOutput(last_hidden_state=hidden, memory_state=state if use_cache else None,
-                                     hidden_states=hidden_states, attentions=attentions,
-                                     memory_attentions=memory_attentions)
-        return out if return_dict else out.to_tuple()
+                torch.stack([c[j] for c in mem_attn], dim=1) if mem_attn else None for j in range(n_layers))
+        return dict(last_hidden_state=hidden, hidden_states=hidden_states, attentions=attentions,
+                    memory_attentions=memory_attentions)
 
 
 def _additive(allowed, dtype):
@@ -679,12 +698,28 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
             model_kwargs["cache_position"] = model_kwargs["cache_position"][-1:] + num_new_tokens
         return model_kwargs
 
-    def generate(self, *args, generation_config=None, **kwargs):
+    @staticmethod
+    def _left_align(input_ids, attention_mask):
+        """Move each row's padding (attention_mask == 0) to its left end, keeping the real tokens in order: decoding
+        appends after the last column, so a right-padded row would otherwise continue from its padding."""
+        if input_ids is None or attention_mask is None or input_ids.shape != attention_mask.shape:
+            return input_ids, attention_mask
+        order = torch.sort(attention_mask.to(torch.int8), dim=1, stable=True).indices  # padding first
+        return input_ids.gather(1, order), attention_mask.gather(1, order)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate` for prompts padded on either side. Right-padded rows (the package's
+        `gpt2_tokenizer()` pads on the right) are left-aligned first, so every row continues from its own last real
+        token and gets the tokens it gets alone; the returned sequences are therefore left-padded."""
         num_beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
         if num_beams and num_beams > 1:  # transformers' beam search reorders only `past_key_values`
             raise NotImplementedError(f"UnifiedARMT supports greedy decoding and sampling (num_beams=1), got "
                                       f"num_beams={num_beams}")
-        return super().generate(*args, generation_config=generation_config, **kwargs)
+        if inputs is None and "input_ids" in kwargs:
+            inputs = kwargs.pop("input_ids")
+        if kwargs.get("attention_mask") is not None:
+            inputs, kwargs["attention_mask"] = self._left_align(inputs, kwargs["attention_mask"])
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
 
 
 __all__ = ["UnifiedARMTForCausalLM", "UnifiedARMTModel", "UnifiedARMTPreTrainedModel", "UnifiedARMTMemoryState",

@@ -1,22 +1,31 @@
-"""Smoke runs of the benchmark scripts in their quick modes: they must run end to end and write JSON + PNG."""
+"""Smoke runs of the benchmark scripts in their quick modes (end to end, JSON + MD + PNG where they say, exit status
+from their checks) and the shared scaffolding in benchmarks/common.py."""
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from armada import UnifiedARMTConfig, UnifiedARMTForCausalLM
 from armada.tasks import PEOPLE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from benchmarks import common  # noqa: E402
 
 
-def run_script(name, *args):
+def run_script(name, *args, check=True):
     done = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", name), *args], capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    if check:
+        assert done.returncode == 0, done.stderr[-2000:]
+    return done
 
 
 def test_armt_tasks_quick(tmp_path):
@@ -83,6 +92,14 @@ def test_armt_scaling_quick(tmp_path):
     assert all(r["seconds"] > 0 and "error" not in r for r in report["results"])
     assert report["summary"]["length_ratio"] == 2
     assert (tmp_path / "armt_scaling.png").stat().st_size > 0
+
+
+def test_a_failed_check_makes_the_run_exit_non_zero(tmp_path):
+    # every point times out: the check "every UnifiedARMT point ran" FAILs, the results are still written
+    done = run_script("armt_scaling.py", "--quick", "--lengths", "128", "--timeout", "0.01", "--out", str(tmp_path),
+                      check=False)
+    assert done.returncode == 1 and "FAIL  every UnifiedARMT point ran" in done.stdout
+    assert "1 of 1 checks FAIL" in done.stdout and (tmp_path / "armt_scaling.json").exists()
 
 
 def test_armt_babilong_quick_with_a_retrained_small_tokenizer(tmp_path):
@@ -194,7 +211,9 @@ def test_armt_babilong_custom_curriculum(tmp_path):
 
 
 def test_agency_speed_quick(tmp_path):
-    run_script("agency_speed.py", "--quick", "--max-wait", "2", "--out", str(tmp_path))
+    done = run_script("agency_speed.py", "--quick", "--max-wait", "2", "--out", str(tmp_path))
+    assert f"wrote {tmp_path / 'agency_speed.json'}" in done.stdout and "all 1 checks PASS" in done.stdout
+    assert "n/a   agency/baseline forward ratio at 50% >= 1.1" in done.stdout  # speed targets: full runs only
     report = json.loads((tmp_path / "agency_speed.json").read_text())
     assert report["checks"]["pass"]  # pruned AgencyGPT2 == pruned peer, unpruned AgencyGPT2 == GPT-2
     rounds = report["config"]["timed_rounds"]
@@ -208,6 +227,85 @@ def test_agency_speed_quick(tmp_path):
                 assert m["slower_than_peer_p"] == (1.0 if m["rounds_slower_than_peer"] == 0 else 0.5**rounds)
             assert 0.5**rounds <= m["slower_than_peer_p"] <= 1.0
     assert len(report["targets"]) == 2 * (3 + 4) and (tmp_path / "agency_speed.png").stat().st_size > 0
+    assert all(t["pass"] is None for t in report["targets"]) and not report["targets_judged"]
+    # a second run into the same folder is refused unless --overwrite
+    refused = run_script("agency_speed.py", "--quick", "--out", str(tmp_path), check=False)
+    assert refused.returncode != 0 and "pass --overwrite" in refused.stderr
+
+
+def test_agency_speed_takes_a_gpt2_checkpoint(tmp_path):
+    torch.manual_seed(0)  # these weights keep a head in every layer at 70% (magnitude), so the peer can run
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=8, n_positions=64)).save_pretrained(
+        tmp_path / "gpt2")
+    run_script("agency_speed.py", "--quick", "--rounds", "1", "--max-wait", "0", "--threads", "1", "--model",
+               str(tmp_path / "gpt2"), "--out", str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "agency_speed.json").read_text())
+    assert report["config"]["model"] == str(tmp_path / "gpt2") and report["config"]["shape"]["n_embd"] == 32
+    armt = tmp_path / "armt"
+    UnifiedARMTForCausalLM(UnifiedARMTConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                             segment_size=8, num_memory_tokens=2, d_mem=16)).save_pretrained(armt)
+    for model, says in ((armt, "allowed: a GPT-2 checkpoint"), (tmp_path / "nowhere", "no config.json")):
+        done = run_script("agency_speed.py", "--quick", "--model", str(model), "--out", str(tmp_path / "bad"),
+                          check=False)
+        assert done.returncode != 0 and says in done.stderr and not (tmp_path / "bad").exists()
+
+
+def test_pruning_comparison_quick_from_a_checkpoint(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=4, n_positions=256)).save_pretrained(tmp_path / "gpt2")
+    done = run_script("pruning_comparison.py", "--quick", "--model", str(tmp_path / "gpt2"), "--levels", "0,0.5",
+                      "--strategies", "random,magnitude", "--threads", "1", "--out", str(tmp_path / "out"))
+    assert "PASS  agency equals baseline at 0%" in done.stdout and "n/a " in done.stdout
+    report = json.loads((tmp_path / "out" / "pruning_comparison.json").read_text())
+    assert report["training"] == {"checkpoint": str(tmp_path / "gpt2"), "steps": 0}
+    assert {r["variant"] for r in report["rows"]} >= {"baseline", "agency", "agency_distilled", "curriculum"}
+    peers = [r for r in report["rows"] if r["variant"] == "baseline_pruned"] + report["peer_failures"]
+    assert sorted(p["strategy"] for p in peers) == ["magnitude", "random"]  # measured, or why transformers could not
+    assert all((tmp_path / "out" / f).stat().st_size > 0 for f in report["figures"].values())
+    assert not (tmp_path / "out" / ".work").exists()
+
+
+@pytest.mark.parametrize("script", ["agency_speed.py", "pruning_comparison.py", "armt_scaling.py", "armt_tasks.py",
+                                    "armt_babilong.py"])
+def test_benchmarks_refuse_a_file_as_out_and_the_committed_results(script, tmp_path):
+    done = run_script(script, "--quick", "--out", str(tmp_path / "x.json"), check=False)
+    assert done.returncode != 0 and "--out takes a folder" in done.stderr and not (tmp_path / "x.json").exists()
+    done = run_script(script, "--quick", "--out", os.path.join(REPO, "benchmarks", "results"), check=False)
+    assert done.returncode != 0 and "--update-committed-results" in done.stderr
+
+
+def test_common_output_dir_defaults_and_flags(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, "demo_bench", model="a checkpoint")
+    args = parser.parse_args([])
+    assert common.output_dir(args, "demo_bench") == os.path.join("outputs", "demo_bench")
+    assert not (tmp_path / "outputs").exists()  # created only when results are written
+    args = parser.parse_args(["--update-committed-results"])
+    assert common.output_dir(args, "demo_bench") == common.COMMITTED_RESULTS
+    args = parser.parse_args(["--out", str(tmp_path / "r"), "--model", "m", "--threads", "1", "--seed", "3"])
+    paths = common.write_report(common.output_dir(args, "demo_bench"), "demo_bench", {"a": 1}, "| a |")
+    assert json.loads(open(paths[0]).read()) == {"a": 1} and open(paths[1]).read() == "| a |\n"
+    with pytest.raises(SystemExit, match="pass --overwrite"):
+        common.output_dir(args, "demo_bench")
+    args.overwrite = True
+    assert common.output_dir(args, "demo_bench") == str(tmp_path / "r")
+
+
+def test_report_checks_exit_status(capsys):
+    assert common.report_checks([{"name": "a", "pass": True}, {"name": "b", "pass": None}]) == 0
+    assert common.report_checks([{"name": "a", "pass": True}, {"name": "b", "pass": False, "detail": "0.9"}]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  b: 0.9" in out and "1 of 2 checks FAIL" in out and "n/a   b" in out
+
+
+def test_paired_statistics_and_interleaved_rounds():
+    assert common.paired_ratio([2.0, 4.0, 9.0], [1.0, 4.0, 3.0]) == 2.0
+    assert common.slower_p_value([0.9, 0.9]) == 0.25 and common.slower_p_value([1.1, 1.2]) == 1.0
+    calls = []
+    speeds, loads = common.interleaved_rounds({"a": 1, "b": 2}, {"m": (calls.append, 10)}, rounds=3, warmup=1,
+                                              monitor=common.LoadMonitor(0), seed=0)
+    assert len(calls) == 2 * (1 + 3) and all(len(speeds[k]["m"]) == 3 and len(loads[k]["m"]) == 3 for k in "ab")
+    assert all(v > 0 for k in "ab" for v in speeds[k]["m"])
 
 
 def test_babilong_training_loss_with_labeled_logits_only_equals_the_full_loss():
@@ -248,12 +346,12 @@ def test_armt_babilong_probe_trains_saves_and_diagnoses(tmp_path):
     common = ["--vocab-size", "300", "--tokenizer-dir", str(tmp_path / "tok"), "--hidden-size", "32", "--layers", "1",
               "--heads", "4", "--length", "48", "--samples", "6"]
     run_script("armt_babilong_probe.py", "train", *common, "--steps", "4", "--eval-every", "2", "--batch-size", "4",
-               "--save", str(tmp_path / "ckpt"), "--out", str(tmp_path / "train.json"))
+               "--save", str(tmp_path / "ckpt"), "--out", str(tmp_path))
     curve = json.loads((tmp_path / "train.json").read_text())["curve"]
     assert [c["step"] for c in curve] == [2, 4] and all(0 <= c["accuracy"] <= 1 for c in curve)
     run_script("armt_babilong_probe.py", "diagnose", str(tmp_path / "ckpt"), *common, "--segment-size", "8",
-               "--out", str(tmp_path / "diag.json"))
-    diag = json.loads((tmp_path / "diag.json").read_text())
+               "--out", str(tmp_path))
+    diag = json.loads((tmp_path / "diagnose.json").read_text())
     assert sum(d["samples"] for d in diag["by_segments_between"].values()) == 6
     assert all(int(d) >= 0 for d in diag["by_segments_between"])   # the fact comes before the answer
     asked = diag["by_asked_person"]
@@ -262,8 +360,8 @@ def test_armt_babilong_probe_trains_saves_and_diagnoses(tmp_path):
     assert diag["by_name"] == {"Mary": {"samples": 6, "correct": asked["latest_fact_person"]["correct"]}}
     run_script("armt_babilong_probe.py", "diagnose", str(tmp_path / "ckpt"), *common, "--segment-size", "8",
                "--people", "8", "--facts", "3", "--length", "96", "--distinct-people",
-               "--out", str(tmp_path / "diag8.json"))
-    by_name = json.loads((tmp_path / "diag8.json").read_text())["by_name"]
+               "--out", str(tmp_path / "diag8"))
+    by_name = json.loads((tmp_path / "diag8" / "diagnose.json").read_text())["by_name"]
     assert sum(n["samples"] for n in by_name.values()) == 6 and set(by_name) <= set(PEOPLE)
 
 
@@ -298,11 +396,12 @@ def test_armt_babilong_probe_full_attention_control(tmp_path):
     common = ["--model", "full", "--vocab-size", "300", "--tokenizer-dir", str(tmp_path / "tok"), "--hidden-size", "32",
               "--layers", "1", "--heads", "4", "--length", "48", "--samples", "4"]
     run_script("armt_babilong_probe.py", "train", *common, "--positions", "128", "--steps", "2", "--eval-every", "2",
-               "--batch-size", "4", "--save", str(tmp_path / "full"), "--out", str(tmp_path / "train.json"))
+               "--batch-size", "4", "--save", str(tmp_path / "full"), "--out", str(tmp_path))
     config = json.loads((tmp_path / "full" / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["n_positions"] == 128
-    run_script("armt_babilong_probe.py", "diagnose", str(tmp_path / "full"), *common, "--out", str(tmp_path / "d.json"))
-    assert sum(d["samples"] for d in json.loads((tmp_path / "d.json").read_text())["by_segments_between"].values()) == 4
+    run_script("armt_babilong_probe.py", "diagnose", str(tmp_path / "full"), *common, "--out", str(tmp_path))
+    diag = json.loads((tmp_path / "diagnose.json").read_text())
+    assert sum(d["samples"] for d in diag["by_segments_between"].values()) == 4
     too_long = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "armt_babilong_probe.py"), "diagnose",
                                str(tmp_path / "full"), *common, "--length", "160"], capture_output=True, text=True)
     assert too_long.returncode != 0 and "do not fit the full-attention model's 128 positions" in too_long.stderr

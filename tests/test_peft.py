@@ -1,24 +1,21 @@
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from armada import AgencyGPT2ForCausalLM
 
 
-def base_model():
-    torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=61, n_embd=32, n_layer=2, n_head=4, n_positions=32,
-                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+def base_model(tiny_gpt2):
+    gpt2 = tiny_gpt2()
     model = AgencyGPT2ForCausalLM.from_gpt2(gpt2)
     model.prune_heads({1: [0]})  # LoRA must work on a pruned model too
     return model
 
 
-def test_lora_train_save_reload_merge(tmp_path):
+def test_lora_train_save_reload_merge(tmp_path, tiny_gpt2):
     ids = (torch.arange(16)[None] + torch.arange(4)[:, None] * 7) % 61
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
                         fan_in_fan_out=True, lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(base_model(), config)
+    model = get_peft_model(base_model(tiny_gpt2), config)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -36,9 +33,9 @@ def test_lora_train_save_reload_merge(tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
-    reloaded = PeftModel.from_pretrained(base_model(), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(base_model(tiny_gpt2), tmp_path / "adapter").eval()
     merged = reloaded.merge_and_unload()
     assert isinstance(merged, AgencyGPT2ForCausalLM) and merged.num_heads_per_layer() == [4, 3]
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-5)
-        assert (base_model()(input_ids=ids).logits - adapted).abs().max() > 1e-3, "the adapter changed nothing"
+        assert (base_model(tiny_gpt2)(input_ids=ids).logits - adapted).abs().max() > 1e-3, "the adapter changed nothing"

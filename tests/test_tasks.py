@@ -31,10 +31,6 @@ needs_shakespeare = pytest.mark.skipif(not os.path.isfile(SHAKESPEARE), reason="
 N_SPECIAL = len(TaskVocab.SPECIALS)
 
 
-@pytest.fixture(scope="module")
-def gpt2_tok():
-    return gpt2_tokenizer()
-
 
 def check_labels(sample):
     """Labels are -100 before the answer and equal the ids on it; the answer ends the sequence."""
@@ -471,7 +467,7 @@ def test_load_babilong_hf_maps_fields(monkeypatch):
                                   "question": ["Where is Mary?", "Where is John?"],
                                   "target": ["kitchen", "hallway"]})
 
-    monkeypatch.setattr(tasks, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(tasks.babilong, "load_dataset", fake_load_dataset)
     ds = load_babilong_hf("qa2", "4k", n=1)
     assert calls == [("RMT-team/babilong", "4k", "qa2")]
     assert len(ds) == 1 and ds[0] == {"context": "Mary went to the kitchen. Blah.", "question": "Where is Mary?",
@@ -483,7 +479,7 @@ def test_load_babilong_hf_offline_error(monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach 'RMT-team/babilong' on the Hub")
 
-    monkeypatch.setattr(tasks, "load_dataset", offline)
+    monkeypatch.setattr(tasks.babilong, "load_dataset", offline)
     with pytest.raises(RuntimeError, match="needs internet access or a local datasets cache"):
         load_babilong_hf("qa1", "1k")
 

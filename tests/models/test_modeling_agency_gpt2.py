@@ -2,10 +2,13 @@ import tempfile
 
 import pytest
 import torch
-from model_tester_common import (
-    assert_close,
+from causal_lm_checks import (
     check_batched_equals_single_with_padding,
     check_cache_matches_no_cache,
+    check_tokenizer_padded_generation_equals_single,
+)
+from common_checks import (
+    assert_close,
     check_dtype,
     check_export,
     check_gradient_flow,
@@ -122,6 +125,31 @@ def test_from_gpt2_matches_with_padding_and_generation(tester):
     assert torch.equal(agency.generate(ids, **kwargs), gpt2.generate(ids, **kwargs))
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, use_cache=False)
     assert torch.equal(agency.generate(ids, **kwargs), gpt2.generate(ids, **kwargs))
+
+
+def test_generation_from_the_package_tokenizer_right_padding(tester, gpt2_tok):
+    # gpt2_tokenizer() pads on the right: generate() left-aligns the rows, as transformers' GPT-2 needs left padding
+    torch.manual_seed(0)
+    agency = AgencyGPT2ForCausalLM(tester.config(vocab_size=len(gpt2_tok))).eval()
+    prompts = ["Now is the winter of our discontent made glorious", "Hi", "To be, or not"]
+    check_tokenizer_padded_generation_equals_single(agency, gpt2_tok, prompts)
+    agency.prune_heads({0: [1, 2], 2: [0]})
+    check_tokenizer_padded_generation_equals_single(agency, gpt2_tok, prompts)
+
+
+def test_state_dict_is_gpt2s_plus_the_agency_state_and_reset_restores_it(tester):
+    from armada.modeling.modeling_agency_gpt2 import AGENCY_BUFFERS
+
+    agency, gpt2 = tester.agency(), tester.gpt2()
+    gpt2_keys = {k for k in gpt2.state_dict() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    keys = set(agency.state_dict())
+    assert keys - gpt2_keys == {f"transformer.{name}" for name in ("head_gates", *AGENCY_BUFFERS)}
+    assert gpt2_keys <= keys
+    fresh = {name: getattr(agency.transformer, name).clone() for name in AGENCY_BUFFERS}
+    for name in AGENCY_BUFFERS:
+        getattr(agency.transformer, name).fill_(2)
+    agency.transformer.reset_agency_state()
+    assert all(torch.equal(getattr(agency.transformer, name), fresh[name]) for name in AGENCY_BUFFERS)
 
 
 def test_from_gpt2_accepts_local_directory_and_gpt2model(tester):

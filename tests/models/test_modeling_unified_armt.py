@@ -3,10 +3,13 @@ import tempfile
 
 import pytest
 import torch
-from model_tester_common import (
-    assert_close,
+from causal_lm_checks import (
     check_batched_equals_single_with_padding,
     check_cache_matches_no_cache,
+    check_tokenizer_padded_generation_equals_single,
+)
+from common_checks import (
+    assert_close,
     check_dtype,
     check_export,
     check_gradient_flow,
@@ -100,6 +103,13 @@ def test_save_load_round_trip(tester):
 def test_batched_equals_single_with_padding_across_segments(tester):
     # 21 and 18 real tokens: several segments, rows at different fill levels, generation crosses boundaries
     check_batched_equals_single_with_padding(tester.model(), tester.input_ids(), max_new_tokens=12)
+
+
+def test_generation_from_the_package_tokenizer_right_padding(tester, gpt2_tok):
+    # gpt2_tokenizer() pads on the right; the 10-token prompt spans three 4-token segments, the others fewer
+    model = tester.model(vocab_size=len(gpt2_tok), segment_size=4)
+    check_tokenizer_padded_generation_equals_single(
+        model, gpt2_tok, ["Now is the winter of our discontent made glorious", "Hi", "To be, or not"])
 
 
 def test_right_padding_and_holes_give_single_row_outputs(tester):
