@@ -23,7 +23,7 @@ import os
 import platform
 import shutil
 import time
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -156,7 +156,7 @@ def _sample_ids(model, source, sample_text, n_tokens):
 
         tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer = tokenizer or tokenization.gpt2_tokenizer()
-    ids = np.array(tokenizer(text)["input_ids"][:n_tokens], dtype=np.int64) % model.config.vocab_size
+    ids = np.array(tokenizer(text, verbose=False)["input_ids"][:n_tokens], dtype=np.int64) % model.config.vocab_size
     if len(ids) < 16:
         raise ValueError(f"the parity text sample has {len(ids)} tokens; at least 16 are needed.")
     return ids
@@ -241,6 +241,7 @@ def export_onnx(
     int8_check: Optional[bool] = None,
     sample_text: Optional[str] = None,
     sample_tokens: int = 1024,
+    sample_ids: Optional[Sequence[int]] = None,
 ) -> dict:
     """Export an AgencyGPT2 or UnifiedARMT model (a `PreTrainedModel` or a `save_pretrained` directory) to ONNX.
 
@@ -255,6 +256,7 @@ def export_onnx(
         int8_check: enforce the int8 agreement/perplexity targets (None: only for trained models, see module doc).
         sample_text, sample_tokens: the text (default: wikitext-2 valid from ../shared/data, else a built-in
             paragraph) and the number of its tokens used by the int8 check.
+        sample_ids: token ids to use instead of a text (e.g. held-out data of a model with its own vocabulary).
 
     Returns the export report (also saved as `export_report.json`). Raises `ValueError` on bad input and
     `ExportParityError` when a parity check fails; in both cases nothing is written.
@@ -266,10 +268,16 @@ def export_onnx(
     out_dir = os.fspath(out_dir)
     _check_out_dir(out_dir, overwrite)
     opset = _check_opset(opset)
+    if sample_ids is not None:
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
     if instruction_set is not None and instruction_set not in INSTRUCTION_SETS:
         raise ValueError(f"unsupported instruction set {instruction_set!r}; allowed: {', '.join(INSTRUCTION_SETS)}.")
     model, source = _load_model(model_or_dir)
     model_type = model.config.model_type
+    vocab = model.config.vocab_size
+    if sample_ids is not None and (sample_ids.ndim != 1 or len(sample_ids) < 16 or sample_ids.min() < 0
+                                   or sample_ids.max() >= vocab):
+        raise ValueError(f"sample_ids must be a 1-D sequence of at least 16 token ids in [0, {vocab}).")
     onnx_config = ONNX_CONFIGS[model_type](model.config, task="text-generation", use_past=True,
                                            use_past_in_inputs=True) if model_type == "agency_gpt2" else \
         ONNX_CONFIGS[model_type](model.config, task="text-generation")
@@ -296,8 +304,9 @@ def export_onnx(
             config = quantization_config(instruction_set, per_channel=per_channel)
             _quantize(tmp, config)
             report["files"][QUANTIZED_FILE] = os.path.getsize(os.path.join(tmp, QUANTIZED_FILE))
-            report["int8"] = _int8_check(model, source, fp32, _load_ort(tmp, QUANTIZED_FILE, model_type),
-                                         sample_text, sample_tokens, int8_check, out_dir)
+            ids = sample_ids if sample_ids is not None else _sample_ids(model, source, sample_text, sample_tokens)
+            report["int8"] = _int8_check(model, ids, fp32, _load_ort(tmp, QUANTIZED_FILE, model_type), int8_check,
+                                         out_dir)
             report["int8"]["instruction_set"] = instruction_set or cpu_instruction_set()
             report["int8"]["per_channel"] = per_channel
         report["seconds"] = round(time.perf_counter() - started, 2)
@@ -307,8 +316,7 @@ def export_onnx(
     return report
 
 
-def _int8_check(model, source, fp32, int8, sample_text, sample_tokens, enforce, out_dir):
-    ids = _sample_ids(model, source, sample_text, sample_tokens)
+def _int8_check(model, ids, fp32, int8, enforce, out_dir):
     n_positions = getattr(model.config, "n_positions", None)
     ref = _text_logits(fp32, ids, model.config.model_type, n_positions)
     got = _text_logits(int8, ids, model.config.model_type, n_positions)
