@@ -301,3 +301,15 @@ def test_ort_classes_refuse_bad_input(armt_export):
         ort_model(torch.tensor([[1, VOCAB]]))
     with pytest.raises(ValueError, match="memory_state holds 1 rows but the input has 2"):
         ort_model(prompt(batch=2), memory_state=ort_model(prompt()).memory_state)
+
+
+def test_onnx_speed_benchmark_quick(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "onnx_speed.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--families", "agency,gpt2", "--rounds", "1",
+                             "--max-wait", "0", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "onnx_speed.json").read_text())
+    assert report["greedy_equal_to_pytorch"]["agency"]["onnx"]
+    assert set(report["results"]["agency"]) == {"pt", "onnx", "int8"}
+    assert {t["target"].split(" int8")[0] for t in report["targets"]} == {"agency"}
+    assert os.path.isfile(tmp_path / "onnx_speed.png")
