@@ -313,3 +313,15 @@ def test_onnx_speed_benchmark_quick(tmp_path):
     assert set(report["results"]["agency"]) == {"pt", "onnx", "int8"}
     assert {t["target"].split(" int8")[0] for t in report["targets"]} == {"agency"}
     assert os.path.isfile(tmp_path / "onnx_speed.png")
+
+
+def test_readme_onnx_snippet_runs(tmp_path, monkeypatch, capsys):
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    snippet = readme.split("<!-- readme-snippet: onnx -->\n```python\n", 1)[1].split("```", 1)[0]
+    torch.manual_seed(0)  # the real GPT-2 vocabulary (the snippet uses the GPT-2 tokenizer), otherwise tiny
+    model = AgencyGPT2ForCausalLM(AgencyGPT2Config(n_embd=16, n_layer=2, n_head=4, n_positions=64))
+    model.prune_heads({0: [1, 2]})
+    model.save_pretrained(tmp_path / "pruned")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md", "exec"), {})
+    assert capsys.readouterr().out.count("\n") >= 2 and (tmp_path / "pruned_onnx" / "model_quantized.onnx").is_file()
