@@ -103,7 +103,7 @@ class ORTUnifiedARMTForCausalLM(ORTModel, GenerationMixin):
     def __init__(self, *, config=None, session=None, use_io_binding=None, generation_config=None,
                  model_save_dir=None):
         super().__init__(config=config, session=session, use_io_binding=False, model_save_dir=model_save_dir)
-        expected = ["input_ids", "lengths", *armt_state_names(config)]
+        expected = ["input_ids", "lengths", *armt_state_names(config), "commit"]
         if self.input_names and list(self.input_names) != expected:
             raise ValueError(f"{session._model_path} is not a UnifiedARMT segment step exported by armada: its inputs "
                              f"are {list(self.input_names)[:4]}..., expected {expected[:4]}...")
@@ -117,8 +117,11 @@ class ORTUnifiedARMTForCausalLM(ORTModel, GenerationMixin):
         return
 
     def step(self, input_ids: np.ndarray, lengths: np.ndarray, state: ORTUnifiedARMTState):
-        """One run of the graph on a piece that does not cross a segment boundary. Returns (logits, new state)."""
-        feed = {"input_ids": input_ids.astype(np.int64), "lengths": lengths.astype(np.int64), **state.tensors}
+        """One run of the graph on a piece that does not cross a segment boundary. Returns (logits, new state).
+        The graph's committing branch runs only when the piece fills some row's segment."""
+        commit = np.array([bool(((state.fill + lengths) == self.config.segment_size).any())])
+        feed = {"input_ids": input_ids.astype(np.int64), "lengths": lengths.astype(np.int64), **state.tensors,
+                "commit": commit}
         outputs = self.session.run(None, feed)
         return outputs[0], ORTUnifiedARMTState(dict(zip(self.state_names, outputs[1:])))
 

@@ -228,9 +228,12 @@ def test_onnxruntime_alone_runs_the_exported_files(agency_export, armt_export):
                 shape = [d if isinstance(d, int) else (0 if "past" in d and "+" not in d else 3) for d in spec.shape]
                 if spec.name == "lengths":
                     shape = [3]
-                dtype = np.int64 if "int64" in spec.type else np.float32
-                feed[spec.name] = (np.full(shape, 3 if spec.name == "lengths" else 1, dtype) if dtype == np.int64
-                                   else np.zeros(shape, dtype))
+                if spec.type == "tensor(bool)":  # UnifiedARMT's `commit` branch flag
+                    feed[spec.name] = np.zeros(shape, bool)
+                elif spec.type == "tensor(int64)":
+                    feed[spec.name] = np.full(shape, 3 if spec.name == "lengths" else 1, np.int64)
+                else:
+                    feed[spec.name] = np.zeros(shape, np.float32)
             outputs = session.run(None, feed)
             assert outputs[0].shape[:2] == (3, 3) and np.isfinite(outputs[0]).all(), (path, outputs[0].shape)
         assert not [m for m in sys.modules if m.split(".")[0] in ("armada", "optimum", "torch", "transformers")]

@@ -91,15 +91,17 @@ def armt_state_shapes(config, batch_size):
     return shapes
 
 
-def armt_segment_step(model, input_ids, lengths, fill, memory_A, memory_z, segment_keys, segment_values):
+def armt_segment_step(model, input_ids, lengths, fill, memory_A, memory_z, segment_keys, segment_values,
+                      commit=True):
     """One step of a UnifiedARMTForCausalLM over a piece of the open segment, with the state as plain tensors.
 
     input_ids (B, T) with T <= segment_size - fill (the piece never crosses a segment boundary); lengths (B,): real
     tokens of each row in the piece (the rest is padding at its end); fill (B,): tokens already in each row's open
-    segment. Returns (logits (B, T, V), new fill, new A's, new z's, new keys, new values). A row whose segment the
-    piece fills is committed: its memory tokens write to (A, z) and its segment is closed (fill 0). The commit is
-    computed for every row and kept where the segment is full (`torch.where`), so the graph has no data-dependent
-    branch. This is the body of `UnifiedARMTModel.forward`'s loop over pieces, for a continued stream.
+    segment. Returns (logits (B, T, V), new fill, new A's, new z's, new keys, new values). With `commit`, a row
+    whose segment the piece fills is committed: its memory tokens write to (A, z) and its segment is closed (fill 0);
+    the commit is computed for every row and kept where the segment is full (`torch.where`), so the graph has no
+    data-dependent branch. Without `commit` the memory passes through (the step for pieces that close no segment).
+    This is the body of `UnifiedARMTModel.forward`'s loop over pieces, for a continued stream.
     """
     from ..modeling.modeling_unified_armt import UnifiedARMTMemoryState, _additive
 
@@ -122,7 +124,8 @@ def armt_segment_step(model, input_ids, lengths, fill, memory_A, memory_z, segme
     logits = model.lm_head(base.ln_f(hidden))
     fill = fill + lengths
     state = UnifiedARMTMemoryState(list(zip(memory_A, memory_z)), keys, values, fill, torch.zeros_like(fill))
-    state, _ = base._commit(state, fill == s, False)
+    if commit:
+        state, _ = base._commit(state, fill == s, False)
     return (logits, state.fill, *[a for a, _ in state.memory], *[z for _, z in state.memory], *state.keys,
             *state.values)
 
@@ -135,7 +138,7 @@ class UnifiedARMTSegmentStepPatcher(ModelPatcher):
 
         def segment_step(input_ids, lengths, fill, memory_A, memory_z, segment_keys, segment_values):
             return armt_segment_step(model, input_ids, lengths, fill, memory_A, memory_z, segment_keys,
-                                     segment_values)
+                                     segment_values, commit=config.commit)
 
         self.patched_forward = segment_step
 
@@ -143,12 +146,22 @@ class UnifiedARMTSegmentStepPatcher(ModelPatcher):
 class UnifiedARMTOnnxConfig(OnnxConfig):
     """The segment step of UnifiedARMT: `input_ids`, `lengths`, then the state (`fill`, `memory_A.{l}`,
     `memory_z.{l}`, `segment_keys.{l}`, `segment_values.{l}`) in; `logits` and the same state prefixed `present_`
-    out. The piece length is dynamic (1 token for generation, up to `segment_size` for a prompt)."""
+    out. The piece length is dynamic (1 token for generation, up to `segment_size` for a prompt).
+
+    `commit=True` exports the step that also commits full segments, `commit=False` the one that only appends;
+    `export_onnx` merges the two into one graph with an ONNX `If` on a boolean `commit` input (optimum's
+    `merge_decoders`, the mechanism of its merged decoders), so generating a token does not pay for the memory
+    tokens' pass except when it closes a segment.
+    """
 
     NORMALIZED_CONFIG_CLASS = NormalizedTextConfig
     DEFAULT_ONNX_OPSET = DEFAULT_OPSET
     ATOL_FOR_VALIDATION = 1e-4
     _MODEL_PATCHER = UnifiedARMTSegmentStepPatcher
+
+    def __init__(self, config, task="text-generation", commit=True, **kwargs):
+        super().__init__(config, task=task, **kwargs)
+        self.commit = commit
 
     @property
     def inputs(self):

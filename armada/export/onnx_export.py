@@ -278,16 +278,17 @@ def export_onnx(
     if sample_ids is not None and (sample_ids.ndim != 1 or len(sample_ids) < 16 or sample_ids.min() < 0
                                    or sample_ids.max() >= vocab):
         raise ValueError(f"sample_ids must be a 1-D sequence of at least 16 token ids in [0, {vocab}).")
-    onnx_config = ONNX_CONFIGS[model_type](model.config, task="text-generation", use_past=True,
-                                           use_past_in_inputs=True) if model_type == "agency_gpt2" else \
-        ONNX_CONFIGS[model_type](model.config, task="text-generation")
 
     started = time.perf_counter()
     report = {"model_type": model_type, "opset": opset, "source": source, "files": {}}
     with atomic_directory(out_dir) as tmp:
-        onnx_export_from_model(model, tmp, opset=opset, task=ONNX_TASKS[model_type],
-                               monolith=model_type != "agency_gpt2", custom_onnx_configs={"model": onnx_config},
-                               do_validation=False)
+        if model_type == "agency_gpt2":
+            onnx_config = ONNX_CONFIGS[model_type](model.config, task="text-generation", use_past=True,
+                                                   use_past_in_inputs=True)
+            onnx_export_from_model(model, tmp, opset=opset, task=ONNX_TASKS[model_type],
+                                   custom_onnx_configs={"model": onnx_config}, do_validation=False)
+        else:
+            _export_armt(model, tmp, opset)
         if source is not None:
             _copy_tokenizer(source, tmp)
         report["files"][ONNX_FILE] = os.path.getsize(os.path.join(tmp, ONNX_FILE))
@@ -335,6 +336,40 @@ def _int8_check(model, ids, fp32, int8, enforce, out_dir):
             f"{INT8_MIN_TOP1:.0%}), perplexity {ppl_int8:.3f} vs fp32 {ppl_fp32:.3f} ({increase:+.1%}, allowed "
             f"+-{INT8_MAX_PPL_INCREASE:.0%}); nothing was written to {out_dir!r}.")
     return result
+
+
+def _export_armt(model, directory, opset):
+    """UnifiedARMT: the append-only and the committing segment step, each through optimum, merged into one graph
+    with an `If` on the `commit` input (optimum's `merge_decoders`, whose branch flag is renamed)."""
+    import onnx
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.onnx.graph_transformations import merge_decoders
+
+    from .onnx_configs import UnifiedARMTOnnxConfig
+
+    parts = {}
+    for commit in (False, True):
+        part = os.path.join(directory, f"_step_commit_{commit}")
+        onnx_export_from_model(model, part, opset=opset, task=ONNX_TASKS["unified_armt"], monolith=True,
+                               custom_onnx_configs={"model": UnifiedARMTOnnxConfig(model.config, commit=commit)},
+                               do_validation=False)
+        parts[commit] = part
+    path = os.path.join(directory, ONNX_FILE)
+    merge_decoders(os.path.join(parts[False], ONNX_FILE), os.path.join(parts[True], ONNX_FILE),
+                   graph_name="unified_armt_segment_step", producer_name="armada", save_path=path)
+    merged = onnx.load(path)
+    for item in list(merged.graph.input) + list(merged.graph.node):
+        if isinstance(item, onnx.NodeProto):
+            item.input[:] = ["commit" if name == "use_cache_branch" else name for name in item.input]
+        elif item.name == "use_cache_branch":
+            item.name = "commit"
+    onnx.checker.check_model(merged)
+    onnx.save(merged, path)
+    for name in os.listdir(parts[True]):
+        if name != ONNX_FILE:
+            shutil.copy(os.path.join(parts[True], name), directory)
+    for part in parts.values():
+        shutil.rmtree(part)
 
 
 def _copy_tokenizer(source, target):
