@@ -219,14 +219,10 @@ def _text_logits(ort_model, ids, model_type, n_positions):
     return torch.cat(chunks).numpy()
 
 
-def _ort_class(model_type):
-    from ..onnxruntime import ORTAgencyGPT2ForCausalLM, ORTUnifiedARMTForCausalLM
-
-    return ORTAgencyGPT2ForCausalLM if model_type == "agency_gpt2" else ORTUnifiedARMTForCausalLM
-
-
 def _load_ort(directory, file_name, model_type):
-    return _ort_class(model_type).from_pretrained(directory, file_name=file_name)
+    from .. import onnxruntime
+
+    return getattr(onnxruntime, EXPORTERS[model_type]["ort_class"]).from_pretrained(directory, file_name=file_name)
 
 
 # ----------------------------------------------------------------------------------------------------- export
@@ -261,8 +257,6 @@ def export_onnx(
     Returns the export report (also saved as `export_report.json`). Raises `ValueError` on bad input and
     `ExportParityError` when a parity check fails; in both cases nothing is written.
     """
-    from optimum.exporters.onnx import onnx_export_from_model
-
     if quantize not in (None, "int8"):
         raise ValueError(f"unsupported quantize={quantize!r}; allowed: None or 'int8'.")
     out_dir = os.fspath(out_dir)
@@ -282,20 +276,13 @@ def export_onnx(
     started = time.perf_counter()
     report = {"model_type": model_type, "opset": opset, "source": source, "files": {}}
     with atomic_directory(out_dir) as tmp:
-        if model_type == "agency_gpt2":
-            onnx_config = ONNX_CONFIGS[model_type](model.config, task="text-generation", use_past=True,
-                                                   use_past_in_inputs=True)
-            onnx_export_from_model(model, tmp, opset=opset, task=ONNX_TASKS[model_type],
-                                   custom_onnx_configs={"model": onnx_config}, do_validation=False)
-        else:
-            _export_armt(model, tmp, opset)
+        EXPORTERS[model_type]["export"](model, tmp, opset)
         if source is not None:
             _copy_tokenizer(source, tmp)
         report["files"][ONNX_FILE] = os.path.getsize(os.path.join(tmp, ONNX_FILE))
 
         fp32 = _load_ort(tmp, ONNX_FILE, model_type)
-        check = _agency_parity_fp32 if model_type == "agency_gpt2" else _armt_parity_fp32
-        diff = check(model, fp32)
+        diff = EXPORTERS[model_type]["parity_fp32"](model, fp32)
         report["fp32"] = {"max_abs_logit_diff": diff, "atol": FP32_ATOL, "pass": diff <= FP32_ATOL}
         if not diff <= FP32_ATOL:
             raise ExportParityError(f"fp32 ONNX parity failed: max |logit difference| vs PyTorch is {diff:.3g}, "
@@ -336,6 +323,16 @@ def _int8_check(model, ids, fp32, int8, enforce, out_dir):
             f"{INT8_MIN_TOP1:.0%}), perplexity {ppl_int8:.3f} vs fp32 {ppl_fp32:.3f} ({increase:+.1%}, allowed "
             f"+-{INT8_MAX_PPL_INCREASE:.0%}); nothing was written to {out_dir!r}.")
     return result
+
+
+def _export_agency(model, directory, opset):
+    """AgencyGPT2: optimum's decoder export (text-generation-with-past) with the armada OnnxConfig."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_config = ONNX_CONFIGS["agency_gpt2"](model.config, task="text-generation", use_past=True,
+                                              use_past_in_inputs=True)
+    onnx_export_from_model(model, directory, opset=opset, task=ONNX_TASKS["agency_gpt2"],
+                           custom_onnx_configs={"model": onnx_config}, do_validation=False)
 
 
 def _export_armt(model, directory, opset):
@@ -386,3 +383,14 @@ _FALLBACK_TEXT = (
     "only becoming lobster red on cooking. Mating occurs in the summer, producing eggs which are carried by the "
     "females for up to a year before hatching into larvae. "
 )
+
+
+# model_type -> how it is exported, checked and served. A new architecture (ThoughtDiffusion: the denoising step,
+# tokens + t + thought stack -> logits + new thought) adds an OnnxConfig in onnx_configs.py, a row here and an ORT
+# class in armada/onnxruntime.py.
+EXPORTERS = {
+    "agency_gpt2": {"export": _export_agency, "parity_fp32": _agency_parity_fp32,
+                    "ort_class": "ORTAgencyGPT2ForCausalLM"},
+    "unified_armt": {"export": _export_armt, "parity_fp32": _armt_parity_fp32,
+                     "ort_class": "ORTUnifiedARMTForCausalLM"},
+}
