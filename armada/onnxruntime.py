@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
 import armada  # noqa: F401  (registers the configurations with AutoConfig)
+from armada import UnifiedARMTForCausalLM
 
 from .export.onnx_configs import armt_state_names, armt_state_shapes
 
@@ -164,21 +165,10 @@ class ORTUnifiedARMTForCausalLM(ORTModel, GenerationMixin):
             logits = torch.from_numpy(logits)
         return ORTUnifiedARMTOutput(logits=logits, memory_state=state if use_cache else None)
 
-    # ------------------------------------------------------------------ generation (as UnifiedARMTForCausalLM)
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, memory_state=None, **kwargs):
-        if memory_state is not None:
-            return {"input_ids": input_ids[:, -1:], "attention_mask": None, "memory_state": memory_state}
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "memory_state": None}
-
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
-                                            num_new_tokens=1):
-        model_kwargs["memory_state"] = outputs.memory_state
-        if model_kwargs.get("attention_mask") is not None:
-            mask = model_kwargs["attention_mask"]
-            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], num_new_tokens))], dim=-1)
-        if model_kwargs.get("cache_position") is not None:
-            model_kwargs["cache_position"] = model_kwargs["cache_position"][-1:] + num_new_tokens
-        return model_kwargs
+    # ------------------------------------------------------------------ generation: the PyTorch model's own hooks
+    # (after the prompt only the new token is fed; the state object is `memory_state`, not a Cache)
+    prepare_inputs_for_generation = UnifiedARMTForCausalLM.prepare_inputs_for_generation
+    _update_model_kwargs_for_generation = UnifiedARMTForCausalLM._update_model_kwargs_for_generation
 
     def generate(self, *args, generation_config=None, **kwargs):
         num_beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
