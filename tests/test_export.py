@@ -93,7 +93,7 @@ def test_agency_export_fp32_and_int8_with_parity(agency_export):
 
 def test_agency_ort_model_for_causal_lm_generates_like_pytorch(agency_export):
     model, out, _ = agency_export
-    ort_model = ORTModelForCausalLM.from_pretrained(out)  # optimum's own class, no armada subclass
+    ort_model = ORTModelForCausalLM.from_pretrained(out, file_name="model.onnx")  # optimum's class as is
     assert ort_model.can_use_cache and "position_ids" in ort_model.input_names
     ids = prompt()
     expected = greedy(model, ids)
@@ -105,7 +105,7 @@ def test_agency_ort_model_for_causal_lm_generates_like_pytorch(agency_export):
 
 def test_agency_left_padded_batch_matches_pytorch(agency_export):
     model, out, _ = agency_export
-    ort_model = ORTModelForCausalLM.from_pretrained(out)
+    ort_model = ORTModelForCausalLM.from_pretrained(out, file_name="model.onnx")
     ids = prompt(length=9, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
