@@ -1,7 +1,8 @@
 """armada demo (`make demo`): train a small GPT-2, convert it to AgencyGPT2, prune half its heads two ways,
 compare perplexity / size / speed with the unpruned GPT-2, save the best, reload it through the Auto classes and
-generate, export it to ONNX int8 (parity checked) and generate from the int8 file with ONNX Runtime; then train a tiny UnifiedARMT whose answers must cross segments through its memory. Runs offline on CPU
-in about 6 minutes (`--quick`: about a minute).
+generate, export it to ONNX int8 (parity checked) and generate from the int8 file with ONNX Runtime; then train a
+tiny UnifiedARMT whose answers must cross segments through its memory. Runs offline on CPU in about 6
+minutes (`--quick`: about a minute).
 
     python examples/demo.py [--quick] [--train-seconds 180] [--output-dir outputs/demo]
 
