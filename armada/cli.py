@@ -196,8 +196,31 @@ def add_bench_parser(sub):
     b.set_defaults(func=None)
 
 
+def cmd_export(args):
+    from .export import export_onnx
+
+    report = export_onnx(args.model_dir, args.out_dir, quantize=args.quantize, opset=args.opset,
+                         overwrite=args.overwrite, instruction_set=args.instruction_set,
+                         per_channel=args.per_channel)
+    print(json.dumps(report, indent=2))
+
+
+def add_export_parser(sub):
+    e = sub.add_parser("export", help="export a checkpoint for inference without PyTorch (ONNX, optionally int8)")
+    e.add_argument("format", choices=["onnx"])
+    e.add_argument("model_dir", help="AgencyGPT2 or UnifiedARMT checkpoint directory (save_pretrained)")
+    e.add_argument("out_dir", help="directory to write model.onnx (and model_quantized.onnx) into")
+    e.add_argument("--quantize", choices=["int8"], help="also write a dynamic int8 model (ORTQuantizer)")
+    e.add_argument("--opset", type=int, help="ONNX opset (default 18; allowed 14..20)")
+    e.add_argument("--instruction-set", choices=["avx512_vnni", "avx512", "avx2", "arm64"],
+                   help="int8 target (default: this CPU's)")
+    e.add_argument("--per-channel", action="store_true", help="per-channel int8 weight scales")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    e.set_defaults(func=cmd_export)
+
+
 # One function per subcommand: each adds its parser and sets `func` (heavy imports stay inside the handlers).
-SUBCOMMANDS = (add_prune_parser, add_report_parser, add_bench_parser)
+SUBCOMMANDS = (add_prune_parser, add_report_parser, add_bench_parser, add_export_parser)
 
 
 def main(argv=None):

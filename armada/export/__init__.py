@@ -1,0 +1,25 @@
+"""Export armada models for inference without PyTorch: ONNX through optimum, int8 through ORTQuantizer.
+
+    >>> from armada.export import export_onnx
+    >>> export_onnx("out/agency", "out/agency_onnx", quantize="int8")
+    >>> from armada.onnxruntime import ORTAgencyGPT2ForCausalLM
+    >>> ORTAgencyGPT2ForCausalLM.from_pretrained("out/agency_onnx", file_name="model_quantized.onnx").generate(...)
+
+Needs the `onnx` extra (`pip install armada[onnx]`). Importing this package registers the armada ONNX configs with
+optimum's `TasksManager`.
+"""
+
+from .onnx_configs import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    ONNX_CONFIGS,
+    AgencyGPT2OnnxConfig,
+    UnifiedARMTOnnxConfig,
+)
+from .onnx_export import ExportParityError, cpu_instruction_set, export_onnx, quantization_config
+
+__all__ = [
+    "export_onnx", "ExportParityError", "cpu_instruction_set", "quantization_config",
+    "AgencyGPT2OnnxConfig", "UnifiedARMTOnnxConfig", "ONNX_CONFIGS", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET",
+]

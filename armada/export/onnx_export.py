@@ -1,0 +1,396 @@
+"""Export armada models to ONNX through optimum, quantize them to int8 with ORTQuantizer, and check parity.
+
+`export_onnx(model_or_dir, out_dir, quantize=None, opset=None, overwrite=False)` writes, into `out_dir`:
+
+    model.onnx             the fp32 graph (AgencyGPT2: decoder with past; UnifiedARMT: the segment step)
+    model_quantized.onnx   with quantize="int8": dynamic int8 (ORTQuantizer, the config for this CPU)
+    config.json, generation_config.json, tokenizer files (when the source has them)
+    export_report.json     what was checked and measured (parity figures, quantization settings)
+
+Everything is written to a temporary folder beside `out_dir` and moved into place only after every check passed, so
+a failed export leaves nothing behind.
+
+Parity checks (a failure raises `ExportParityError`):
+  fp32: max |logit difference| between ONNX Runtime and PyTorch <= 1e-4 over sample inputs that exercise the cache
+        (AgencyGPT2: a prompt, then steps with past key/values; UnifiedARMT: a stream crossing segment boundaries).
+  int8: on a text sample, top-1 agreement with fp32 >= 98% and perplexity within 5% of fp32. Enforced for trained
+        models (`int8_check=None`: when the fp32 perplexity on the sample is below half the vocabulary size; a
+        random-init model is about uniform there and int8 noise flips its arbitrary top-1); `True`/`False` force it.
+"""
+
+import json
+import os
+import platform
+import shutil
+import time
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from ..io_utils import atomic_directory
+from .onnx_configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_CONFIGS, ONNX_TASKS
+
+FP32_ATOL = 1e-4
+INT8_MIN_TOP1 = 0.98
+INT8_MAX_PPL_INCREASE = 0.05
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+INSTRUCTION_SETS = ("avx512_vnni", "avx512", "avx2", "arm64")
+ONNX_FILE, QUANTIZED_FILE = "model.onnx", "model_quantized.onnx"
+
+
+class ExportParityError(ValueError):
+    """The exported graph does not compute what the PyTorch model computes (within the stated tolerance)."""
+
+
+# ----------------------------------------------------------------------------------------------------- checks
+def _check_out_dir(out_dir, overwrite):
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output path {out_dir!r} exists and is not a directory.")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"output directory {out_dir!r} exists and is not empty; pass overwrite=True "
+                         "(CLI: --overwrite) to replace it.")
+
+
+def _check_opset(opset):
+    if opset is None:
+        return DEFAULT_OPSET
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"unsupported opset {opset!r}; allowed: integers {MIN_OPSET}..{MAX_OPSET} "
+                         f"(default {DEFAULT_OPSET}).")
+    return opset
+
+
+def _load_model(model_or_dir):
+    """The model to export and the directory it came from (None for an in-memory model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+    import armada  # noqa: F401  (registers the Auto classes)
+
+    if isinstance(model_or_dir, PreTrainedModel):
+        model, source = model_or_dir, None
+    else:
+        source = os.fspath(model_or_dir)
+        if not os.path.isdir(source):
+            raise ValueError(f"model directory {source!r} does not exist.")
+        if not os.path.isfile(os.path.join(source, "config.json")):
+            raise ValueError(f"{source!r} has no config.json; expected a directory written by save_pretrained.")
+        model_type = AutoConfig.from_pretrained(source).model_type
+        if model_type not in ONNX_CONFIGS:
+            raise ValueError(f"unsupported model type {model_type!r} in {source!r}; ONNX export supports "
+                             f"{sorted(ONNX_CONFIGS)}.")
+        if not any(os.path.isfile(os.path.join(source, name)) for name in WEIGHT_FILES):
+            raise ValueError(f"{source!r} has no weights (none of {', '.join(WEIGHT_FILES)}).")
+        model = AutoModelForCausalLM.from_pretrained(source)
+    model_type = model.config.model_type
+    if model_type not in ONNX_CONFIGS:
+        raise ValueError(f"unsupported model type {model_type!r}; ONNX export supports {sorted(ONNX_CONFIGS)}.")
+    if next(model.parameters()).dtype != torch.float32:
+        raise ValueError(f"export from a float32 model; got {next(model.parameters()).dtype} (use model.float()).")
+    return model.eval(), source
+
+
+# ----------------------------------------------------------------------------------------------------- quantization
+def cpu_instruction_set() -> str:
+    """The best int8 instruction set of this CPU among `INSTRUCTION_SETS` (what `AutoQuantizationConfig` targets)."""
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "arm64"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        flags = set()
+    if "avx512_vnni" in flags or "avx512vnni" in flags:
+        return "avx512_vnni"
+    if {"avx512f", "avx512bw"} <= flags:
+        return "avx512"
+    return "avx2"
+
+
+def quantization_config(instruction_set: Optional[str] = None, per_channel: bool = False,
+                        operators_to_quantize=None):
+    """Dynamic int8 `QuantizationConfig` for `instruction_set` (default: this CPU's, see `cpu_instruction_set`).
+
+    per_channel=False by default: per-tensor scales keep ORT's fast `MatMulInteger` path on x86 for dynamic
+    quantization, and measured top-1 agreement stayed above the target without per-channel scales.
+    """
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    instruction_set = instruction_set or cpu_instruction_set()
+    if instruction_set not in INSTRUCTION_SETS:
+        raise ValueError(f"unsupported instruction set {instruction_set!r}; allowed: {', '.join(INSTRUCTION_SETS)}.")
+    return getattr(AutoQuantizationConfig, instruction_set)(is_static=False, per_channel=per_channel,
+                                                            operators_to_quantize=operators_to_quantize)
+
+
+def _quantize(directory, config):
+    from optimum.onnxruntime import ORTQuantizer
+
+    quantizer = ORTQuantizer.from_pretrained(directory, file_name=ONNX_FILE)
+    quantizer.quantize(quantization_config=config, save_dir=directory)
+    # ORTQuantizer saves its own ort_config.json next to the model; keep it (it records the settings).
+    return os.path.join(directory, QUANTIZED_FILE)
+
+
+# ----------------------------------------------------------------------------------------------------- parity
+def _sample_ids(model, source, sample_text, n_tokens):
+    """Token ids of a text sample: the source's tokenizer if it has one, else GPT-2's (ids folded into a smaller
+    vocabulary for tiny test models)."""
+    from .. import tokenization
+
+    text = sample_text
+    if text is None:
+        here = os.path.dirname(os.path.abspath(__file__))
+        for path in (os.path.join(here, "..", "..", "..", "shared", "data", "wikitext-2", "valid.txt"),
+                     os.path.join(here, "..", "..", "..", "shared", "data", "tinyshakespeare", "input.txt")):
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    text = f.read(20 * n_tokens)
+                break
+    if text is None:
+        text = _FALLBACK_TEXT * 8
+    tokenizer = None
+    if source is not None and os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = tokenizer or tokenization.gpt2_tokenizer()
+    ids = np.array(tokenizer(text, verbose=False)["input_ids"][:n_tokens], dtype=np.int64) % model.config.vocab_size
+    if len(ids) < 16:
+        raise ValueError(f"the parity text sample has {len(ids)} tokens; at least 16 are needed.")
+    return ids
+
+
+def _perplexity(logits, ids):
+    logits = torch.as_tensor(logits, dtype=torch.float64)[:-1]
+    return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(ids[1:])).exp())
+
+
+def _agency_parity_fp32(model, ort_model):
+    """Prompt (batch 2, one row left-padded), then two cached steps: logits and presents vs PyTorch."""
+    generator = torch.Generator().manual_seed(0)
+    vocab, length = model.config.vocab_size, min(12, model.config.n_positions - 4)
+    ids = torch.randint(0, vocab, (2, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    worst, past_pt, past_ort = 0.0, None, None
+    for step in range(3):
+        with torch.no_grad():
+            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
+            ref = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past_pt,
+                        use_cache=True)
+        out = ort_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past_ort,
+                        use_cache=True)
+        keep = mask[:, -ids.shape[1]:].bool()  # logits at padding positions are not used by anyone
+        worst = max(worst, float((out.logits - ref.logits).abs()[keep].max()))
+        past_pt, past_ort = ref.past_key_values, out.past_key_values
+        ids = ref.logits[:, -1:].argmax(-1)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+    return worst
+
+
+def _armt_parity_fp32(model, ort_model):
+    """A stream of 2.5 segments fed whole and in uneven chunks, against the PyTorch forward over the whole text."""
+    s = model.config.segment_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 2 * s + s // 2 + 1), generator=generator)
+    with torch.no_grad():
+        ref = model(ids).logits
+    whole = ort_model(ids).logits
+    worst = float((whole - ref).abs().max())
+    state, chunks, start = None, [], 0
+    for size in (3, s, 1, 2 * s):
+        out = ort_model(ids[:, start:start + size], memory_state=state)
+        chunks.append(out.logits)
+        state, start = out.memory_state, start + size
+    worst = max(worst, float((torch.cat(chunks, dim=1) - ref[:, :start]).abs().max()))
+    return worst
+
+
+def _text_logits(ort_model, ids, model_type, n_positions):
+    """Logits of one row of token ids (AgencyGPT2 in windows of the position table, UnifiedARMT streamed)."""
+    if model_type == "unified_armt":
+        return ort_model(torch.as_tensor(ids)[None]).logits[0].numpy()
+    chunks = []
+    for start in range(0, len(ids), n_positions):
+        piece = torch.as_tensor(ids[start:start + n_positions])[None]
+        chunks.append(ort_model(input_ids=piece, attention_mask=torch.ones_like(piece), use_cache=False).logits[0])
+    return torch.cat(chunks).numpy()
+
+
+def _load_ort(directory, file_name, model_type):
+    from .. import onnxruntime
+
+    return getattr(onnxruntime, EXPORTERS[model_type]["ort_class"]).from_pretrained(directory, file_name=file_name)
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def export_onnx(
+    model_or_dir,
+    out_dir: Union[str, os.PathLike],
+    quantize: Optional[str] = None,
+    opset: Optional[int] = None,
+    overwrite: bool = False,
+    instruction_set: Optional[str] = None,
+    per_channel: bool = False,
+    int8_check: Optional[bool] = None,
+    sample_text: Optional[str] = None,
+    sample_tokens: int = 1024,
+    sample_ids: Optional[Sequence[int]] = None,
+) -> dict:
+    """Export an AgencyGPT2 or UnifiedARMT model (a `PreTrainedModel` or a `save_pretrained` directory) to ONNX.
+
+    Args:
+        model_or_dir: the model, or a directory with its config.json and weights.
+        out_dir: the directory to write (see the module docstring for its files). An existing non-empty directory is
+            refused unless `overwrite=True`.
+        quantize: None (fp32 only) or "int8" (also write `model_quantized.onnx`, dynamic int8 through ORTQuantizer).
+        opset: ONNX opset, MIN_OPSET..MAX_OPSET (default DEFAULT_OPSET).
+        instruction_set: int8 target ("avx512_vnni", "avx512", "avx2", "arm64"); default: this CPU's.
+        per_channel: per-channel int8 weight scales (default per-tensor).
+        int8_check: enforce the int8 agreement/perplexity targets (None: only for trained models, see module doc).
+        sample_text, sample_tokens: the text (default: wikitext-2 valid from ../shared/data, else a built-in
+            paragraph) and the number of its tokens used by the int8 check.
+        sample_ids: token ids to use instead of a text (e.g. held-out data of a model with its own vocabulary).
+
+    Returns the export report (also saved as `export_report.json`). Raises `ValueError` on bad input and
+    `ExportParityError` when a parity check fails; in both cases nothing is written.
+    """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unsupported quantize={quantize!r}; allowed: None or 'int8'.")
+    out_dir = os.fspath(out_dir)
+    _check_out_dir(out_dir, overwrite)
+    opset = _check_opset(opset)
+    if sample_ids is not None:
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+    if instruction_set is not None and instruction_set not in INSTRUCTION_SETS:
+        raise ValueError(f"unsupported instruction set {instruction_set!r}; allowed: {', '.join(INSTRUCTION_SETS)}.")
+    model, source = _load_model(model_or_dir)
+    model_type = model.config.model_type
+    vocab = model.config.vocab_size
+    if sample_ids is not None and (sample_ids.ndim != 1 or len(sample_ids) < 16 or sample_ids.min() < 0
+                                   or sample_ids.max() >= vocab):
+        raise ValueError(f"sample_ids must be a 1-D sequence of at least 16 token ids in [0, {vocab}).")
+
+    started = time.perf_counter()
+    report = {"model_type": model_type, "opset": opset, "source": source, "files": {}}
+    with atomic_directory(out_dir) as tmp:
+        EXPORTERS[model_type]["export"](model, tmp, opset)
+        if source is not None:
+            _copy_tokenizer(source, tmp)
+        report["files"][ONNX_FILE] = os.path.getsize(os.path.join(tmp, ONNX_FILE))
+
+        fp32 = _load_ort(tmp, ONNX_FILE, model_type)
+        diff = EXPORTERS[model_type]["parity_fp32"](model, fp32)
+        report["fp32"] = {"max_abs_logit_diff": diff, "atol": FP32_ATOL, "pass": diff <= FP32_ATOL}
+        if not diff <= FP32_ATOL:
+            raise ExportParityError(f"fp32 ONNX parity failed: max |logit difference| vs PyTorch is {diff:.3g}, "
+                                    f"allowed {FP32_ATOL:g}; nothing was written to {out_dir!r}.")
+
+        if quantize == "int8":
+            config = quantization_config(instruction_set, per_channel=per_channel)
+            _quantize(tmp, config)
+            report["files"][QUANTIZED_FILE] = os.path.getsize(os.path.join(tmp, QUANTIZED_FILE))
+            ids = sample_ids if sample_ids is not None else _sample_ids(model, source, sample_text, sample_tokens)
+            report["int8"] = _int8_check(model, ids, fp32, _load_ort(tmp, QUANTIZED_FILE, model_type), int8_check,
+                                         out_dir)
+            report["int8"]["instruction_set"] = instruction_set or cpu_instruction_set()
+            report["int8"]["per_channel"] = per_channel
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        with open(os.path.join(tmp, "export_report.json"), "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    report["out_dir"] = out_dir
+    return report
+
+
+def _int8_check(model, ids, fp32, int8, enforce, out_dir):
+    n_positions = getattr(model.config, "n_positions", None)
+    ref = _text_logits(fp32, ids, model.config.model_type, n_positions)
+    got = _text_logits(int8, ids, model.config.model_type, n_positions)
+    top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
+    ppl_fp32, ppl_int8 = _perplexity(ref, ids), _perplexity(got, ids)
+    increase = ppl_int8 / ppl_fp32 - 1
+    trained = ppl_fp32 < 0.5 * model.config.vocab_size
+    enforced = trained if enforce is None else bool(enforce)
+    passed = top1 >= INT8_MIN_TOP1 and abs(increase) <= INT8_MAX_PPL_INCREASE
+    result = {"tokens": int(len(ids)), "top1_agreement": top1, "perplexity_fp32": ppl_fp32, "perplexity_int8": ppl_int8,
+              "perplexity_change": increase, "min_top1": INT8_MIN_TOP1, "max_perplexity_change": INT8_MAX_PPL_INCREASE,
+              "enforced": enforced, "pass": passed}
+    if enforced and not passed:
+        raise ExportParityError(
+            f"int8 ONNX parity failed on {len(ids)} tokens: top-1 agreement with fp32 {top1:.1%} (needs >= "
+            f"{INT8_MIN_TOP1:.0%}), perplexity {ppl_int8:.3f} vs fp32 {ppl_fp32:.3f} ({increase:+.1%}, allowed "
+            f"+-{INT8_MAX_PPL_INCREASE:.0%}); nothing was written to {out_dir!r}.")
+    return result
+
+
+def _export_agency(model, directory, opset):
+    """AgencyGPT2: optimum's decoder export (text-generation-with-past) with the armada OnnxConfig."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_config = ONNX_CONFIGS["agency_gpt2"](model.config, task="text-generation", use_past=True,
+                                              use_past_in_inputs=True)
+    onnx_export_from_model(model, directory, opset=opset, task=ONNX_TASKS["agency_gpt2"],
+                           custom_onnx_configs={"model": onnx_config}, do_validation=False)
+
+
+def _export_armt(model, directory, opset):
+    """UnifiedARMT: the append-only and the committing segment step, each through optimum, merged into one graph
+    with an `If` on the `commit` input (optimum's `merge_decoders`, whose branch flag is renamed)."""
+    import onnx
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.onnx.graph_transformations import merge_decoders
+
+    from .onnx_configs import UnifiedARMTOnnxConfig
+
+    parts = {}
+    for commit in (False, True):
+        part = os.path.join(directory, f"_step_commit_{commit}")
+        onnx_export_from_model(model, part, opset=opset, task=ONNX_TASKS["unified_armt"], monolith=True,
+                               custom_onnx_configs={"model": UnifiedARMTOnnxConfig(model.config, commit=commit)},
+                               do_validation=False)
+        parts[commit] = part
+    path = os.path.join(directory, ONNX_FILE)
+    merge_decoders(os.path.join(parts[False], ONNX_FILE), os.path.join(parts[True], ONNX_FILE),
+                   graph_name="unified_armt_segment_step", producer_name="armada", save_path=path)
+    merged = onnx.load(path)
+    for item in list(merged.graph.input) + list(merged.graph.node):
+        if isinstance(item, onnx.NodeProto):
+            item.input[:] = ["commit" if name == "use_cache_branch" else name for name in item.input]
+        elif item.name == "use_cache_branch":
+            item.name = "commit"
+    onnx.checker.check_model(merged)
+    onnx.save(merged, path)
+    for name in os.listdir(parts[True]):
+        if name != ONNX_FILE:
+            shutil.copy(os.path.join(parts[True], name), directory)
+    for part in parts.values():
+        shutil.rmtree(part)
+
+
+def _copy_tokenizer(source, target):
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        path = os.path.join(source, name)
+        if os.path.isfile(path) and not os.path.exists(os.path.join(target, name)):
+            shutil.copy(path, target)
+
+
+_FALLBACK_TEXT = (
+    "The European lobster is a species of clawed lobster from the eastern Atlantic Ocean, the Mediterranean Sea and "
+    "parts of the Black Sea. It is closely related to the American lobster. It may grow to a length of sixty "
+    "centimetres and a mass of six kilograms, and bears a conspicuous pair of claws. In life the lobsters are blue, "
+    "only becoming lobster red on cooking. Mating occurs in the summer, producing eggs which are carried by the "
+    "females for up to a year before hatching into larvae. "
+)
+
+
+# model_type -> how it is exported, checked and served. A new architecture (ThoughtDiffusion: the denoising step,
+# tokens + t + thought stack -> logits + new thought) adds an OnnxConfig in onnx_configs.py, a row here and an ORT
+# class in armada/onnxruntime.py.
+EXPORTERS = {
+    "agency_gpt2": {"export": _export_agency, "parity_fp32": _agency_parity_fp32,
+                    "ort_class": "ORTAgencyGPT2ForCausalLM"},
+    "unified_armt": {"export": _export_armt, "parity_fp32": _armt_parity_fp32,
+                     "ort_class": "ORTUnifiedARMTForCausalLM"},
+}

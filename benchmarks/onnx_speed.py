@@ -1,0 +1,370 @@
+"""PyTorch fp32 vs ONNX Runtime fp32 vs ONNX Runtime int8 (armada.export), measured in one run with interleaved rounds.
+
+Families (random-init weights, seeded: speed and size do not depend on the weights' values; parity is checked by
+`export_onnx` at export and greedy outputs are compared below):
+  agency      AgencyGPT2 on the GPT-2 124M shape, unpruned (from_gpt2 of a random GPT2LMHeadModel)
+  agency50    the same with 50% of the heads pruned (select_heads(score_heads(model, "magnitude"), 0.5), global)
+  gpt2        stock GPT2LMHeadModel exported by optimum (onnx_export_from_model, text-generation-with-past) and
+              quantized with the same ORTQuantizer config: the peer
+  armt        UnifiedARMT at the size of benchmarks/armt_scaling.py (256 wide, 4 layers, 4 heads, segment 512,
+              16 memory tokens, GPT-2 vocabulary)
+Each family runs as pt (PyTorch fp32, eval, inference_mode), onnx (fp32) and int8 (dynamic int8, ORTQuantizer with
+the config for this CPU). Measured:
+  generate  tokens/s (new tokens / wall time of generate(), prefill included), batch 1, 32-token prompt, 64 greedy
+            new tokens (min_new_tokens=64)
+  forward   tokens/s, batch 4 x 256, full-sequence forward without cache
+  size      bytes of the model file (PyTorch: model.safetensors from save_pretrained)
+A round runs every variant once per measure in a shuffled order; a ratio is the median over rounds of the two speeds
+measured in the same round (paired), as in benchmarks/agency_speed.py. Every sample records the share of the CPUs
+other processes used while it ran (the machine may be shared); the load average is recorded too.
+
+    python benchmarks/onnx_speed.py                          # full run -> outputs/onnx_speed
+    python benchmarks/onnx_speed.py --quick --out /tmp/o     # tiny models, smoke test
+    python benchmarks/onnx_speed.py --write-results          # -> benchmarks/results (the committed record)
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import random
+import statistics
+import time
+import warnings
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAMILIES = ("agency", "agency50", "gpt2", "armt")
+KINDS = ("pt", "onnx", "int8")
+MEASURES = ("generate", "forward")
+CONTENDED = 0.10
+TARGETS = {"generate_vs_pt": 2.5, "size_vs_pt": 0.3}  # AgencyGPT2 int8 (both families), + never slower than gpt2 int8
+SIGNIFICANCE = 0.05
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny models, 2 rounds (smoke test)")
+    p.add_argument("--out", default=os.path.join(REPO, "outputs", "onnx_speed"))
+    p.add_argument("--write-results", action="store_true",
+                   help="write to benchmarks/results (the committed record) instead of --out")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10, quick 2)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-wait", type=float, default=None,
+                   help="seconds the run may spend waiting for other processes' load to drop (default 120)")
+    p.add_argument("--per-channel", action="store_true", help="per-channel int8 weight scales")
+    p.add_argument("--families", default=",".join(FAMILIES))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.write_results:
+        args.out = os.path.join(REPO, "benchmarks", "results")
+    args.rounds = args.rounds or (2 if args.quick else 10)
+    args.max_wait = args.max_wait if args.max_wait is not None else (5.0 if args.quick else 120.0)
+    args.families = [f for f in args.families.split(",") if f]
+    bad = [f for f in args.families if f not in FAMILIES]
+    if bad:
+        p.error(f"unknown families {bad}; allowed: {', '.join(FAMILIES)}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def build_pytorch(args):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from armada import AgencyGPT2ForCausalLM, UnifiedARMTConfig, UnifiedARMTForCausalLM
+    from armada.pruning import score_heads, select_heads
+
+    torch.manual_seed(args.seed)
+    if args.quick:
+        gpt2_config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=256)
+        armt_config = UnifiedARMTConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                        segment_size=128, num_memory_tokens=8)
+    else:
+        gpt2_config = GPT2Config()  # GPT-2 124M
+        armt_config = UnifiedARMTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                                        segment_size=512, num_memory_tokens=16)
+    gpt2 = GPT2LMHeadModel(gpt2_config).eval()
+    models = {"gpt2": gpt2, "agency": AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()}
+    agency50 = AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()
+    agency50.prune_heads(select_heads(score_heads(agency50, "magnitude"), 0.5))
+    models["agency50"] = agency50
+    models["armt"] = UnifiedARMTForCausalLM(armt_config).eval()
+    return {name: model for name, model in models.items() if name in args.families}
+
+
+def export_all(models, work, args):
+    """PyTorch checkpoint + ONNX fp32/int8 export of every family; returns {family: {kind: path}} and reports."""
+    from optimum.exporters.onnx import onnx_export_from_model
+    from optimum.onnxruntime import ORTQuantizer
+
+    from armada.export import export_onnx, quantization_config
+
+    files, reports = {}, {}
+    for name, model in models.items():
+        pt_dir, onnx_dir = os.path.join(work, name, "pytorch"), os.path.join(work, name, "onnx")
+        model.save_pretrained(pt_dir)
+        t = time.perf_counter()
+        if name == "gpt2":  # optimum's own export of the stock model, quantized with the same config
+            onnx_export_from_model(model, onnx_dir, task="text-generation-with-past", do_validation=False)
+            ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx").quantize(
+                quantization_config(per_channel=args.per_channel), save_dir=onnx_dir)
+            reports[name] = {"exporter": "optimum onnx_export_from_model + ORTQuantizer"}
+        else:
+            reports[name] = export_onnx(model, onnx_dir, quantize="int8", per_channel=args.per_channel,
+                                        overwrite=True, sample_tokens=512)
+        reports[name]["export_seconds"] = round(time.perf_counter() - t, 1)
+        files[name] = {"pt": os.path.join(pt_dir, "model.safetensors"),
+                       "onnx": os.path.join(onnx_dir, "model.onnx"),
+                       "int8": os.path.join(onnx_dir, "model_quantized.onnx")}
+        print(f"exported {name} in {reports[name]['export_seconds']} s", flush=True)
+    return files, reports
+
+
+def load_ort(name, path, threads):
+    import onnxruntime as ort
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from armada.onnxruntime import ORTAgencyGPT2ForCausalLM, ORTUnifiedARMTForCausalLM
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    cls = {"gpt2": ORTModelForCausalLM, "agency": ORTModelForCausalLM, "agency50": ORTAgencyGPT2ForCausalLM,
+           "armt": ORTUnifiedARMTForCausalLM}[name]
+    return cls.from_pretrained(os.path.dirname(path), file_name=os.path.basename(path), session_options=options)
+
+
+# ----------------------------------------------------------------------------------------------------- timing
+HZ, NCPU = os.sysconf("SC_CLK_TCK"), os.cpu_count()
+
+
+class Clock:
+    """Times calls and the share of the CPUs other processes used meanwhile (from /proc/stat); waits, within a
+    budget, for other processes to go quiet before each sample and re-measures a contended one."""
+
+    def __init__(self, budget):
+        self.budget, self.lost = budget, 0.0
+
+    @staticmethod
+    def snapshot():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+        times = os.times()
+        return time.perf_counter(), (sum(ticks) - ticks[3] - ticks[4]) / HZ, times.user + times.system
+
+    @staticmethod
+    def foreign(a, b):
+        return max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / ((b[0] - a[0]) * NCPU)
+
+    def wait_quiet(self, window=0.25, threshold=0.05):
+        while self.budget > 0:
+            a = self.snapshot()
+            time.sleep(window)
+            self.budget, self.lost = self.budget - window, self.lost + window
+            if self.foreign(a, self.snapshot()) < threshold:
+                return
+
+    def measure(self, fn):
+        while True:
+            self.wait_quiet()
+            a = self.snapshot()
+            fn()
+            b = self.snapshot()
+            seconds, load = b[0] - a[0], self.foreign(a, b)
+            if load <= CONTENDED or self.budget <= 0:
+                return seconds, load
+            self.budget, self.lost = self.budget - seconds, self.lost + seconds
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    import onnxruntime
+    import optimum.version
+    import transformers
+
+    import armada  # noqa: F401
+    from armada.export import cpu_instruction_set
+    from armada.io_utils import atomic_savefig, atomic_write_text
+
+    models = build_pytorch(args)
+    work = os.path.join(args.out, "onnx_speed_models")
+    files, reports = export_all(models, work, args)
+    variants = {}
+    for name, model in models.items():
+        variants[(name, "pt")] = model
+        for kind in ("onnx", "int8"):
+            variants[(name, kind)] = load_ort(name, files[name][kind], args.threads)
+
+    vocab = models[next(iter(models))].config.vocab_size
+    gen = torch.Generator().manual_seed(args.seed)
+    fwd_batch, fwd_len, prompt_len, new_tokens = (2, 64, 8, 8) if args.quick else (4, 256, 32, 64)
+    fwd_ids = torch.randint(0, vocab, (fwd_batch, fwd_len), generator=gen)
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen)
+    gen_kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
+                      min_new_tokens=new_tokens, pad_token_id=0)
+
+    def run_forward(key):
+        model = variants[key]
+        if key[0] == "armt":
+            return model(fwd_ids)
+        return model(input_ids=fwd_ids, attention_mask=torch.ones_like(fwd_ids), use_cache=False)
+
+    def run_generate(key):
+        return variants[key].generate(prompt, **gen_kwargs)
+
+    with torch.inference_mode():  # greedy outputs of ONNX fp32 against PyTorch (random weights: ties are rare)
+        checks = {name: {kind: torch.equal(run_generate((name, kind)), run_generate((name, "pt")))
+                         for kind in ("onnx", "int8")} for name in models}
+    print(f"greedy equal to PyTorch: {json.dumps(checks)}", flush=True)
+
+    clock = Clock(args.max_wait)
+    tokens = {"forward": fwd_ids.numel(), "generate": new_tokens}
+    samples = {key: {m: [] for m in MEASURES} for key in variants}
+    loads = {key: {m: [] for m in MEASURES} for key in variants}
+    order, rng = list(variants), random.Random(args.seed)
+    with torch.inference_mode():
+        for key in order:  # warm-up
+            run_forward(key)
+            run_generate(key)
+        for r in range(args.rounds):
+            for m, fn in (("generate", run_generate), ("forward", run_forward)):
+                rng.shuffle(order)
+                for key in order:
+                    seconds, load = clock.measure(lambda: fn(key))
+                    samples[key][m].append(tokens[m] / seconds)
+                    loads[key][m].append(load)
+            print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - started:.0f} s)", flush=True)
+
+    def per_round(key, other, m):
+        return [a / b for a, b in zip(samples[key][m], samples[other][m])]
+
+    results = {}
+    for (name, kind) in variants:
+        entry = {"size_bytes": os.path.getsize(files[name][kind])}
+        entry["size_vs_pt"] = entry["size_bytes"] / os.path.getsize(files[name]["pt"])
+        for m in MEASURES:
+            values = samples[(name, kind)][m]
+            ratios = per_round((name, kind), (name, "pt"), m)
+            entry[m] = {"median_tokens_per_s": statistics.median(values), "samples": values,
+                        "foreign_load": loads[(name, kind)][m], "vs_pt": statistics.median(ratios),
+                        "vs_pt_per_round": ratios,
+                        "contended_samples": sum(x > CONTENDED for x in loads[(name, kind)][m])}
+        results.setdefault(name, {})[kind] = entry
+
+    targets = []
+    for name in ("agency", "agency50"):
+        if name not in results:
+            continue
+        int8 = results[name]["int8"]
+        targets.append({"target": f"{name} int8 generate >= {TARGETS['generate_vs_pt']}x PyTorch fp32",
+                        "value": int8["generate"]["vs_pt"], "pass": int8["generate"]["vs_pt"] >=
+                        TARGETS["generate_vs_pt"]})
+        targets.append({"target": f"{name} int8 size <= {TARGETS['size_vs_pt']}x PyTorch fp32",
+                        "value": int8["size_vs_pt"], "pass": int8["size_vs_pt"] <= TARGETS["size_vs_pt"]})
+        if "gpt2" in results:
+            for m in MEASURES:
+                ratios = per_round((name, "int8"), ("gpt2", "int8"), m)
+                lost_rounds = sum(x < 1 for x in ratios)
+                p_value = sum(math.comb(len(ratios), k) for k in range(lost_rounds, len(ratios) + 1)) / 2 ** len(ratios)
+                value = statistics.median(ratios)
+                int8.setdefault("vs_gpt2_int8", {})[m] = {"ratio": value, "per_round": ratios, "sign_test_p": p_value}
+                targets.append({"target": f"{name} int8 {m} not slower than optimum's GPT-2 int8", "value": value,
+                                "rounds_slower": lost_rounds, "sign_test_p": p_value,
+                                "pass": value >= 1.0 or p_value >= SIGNIFICANCE})
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    report = {
+        "benchmark": "onnx_speed",
+        "environment": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
+            "cpu_count": NCPU, "threads": args.threads, "instruction_set": cpu_instruction_set(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__, "optimum": optimum.version.__version__,
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "seconds_lost_to_other_processes": clock.lost,
+            "contended_samples": sum(e[m]["contended_samples"] for f in results.values() for e in f.values()
+                                     for m in MEASURES),
+            "total_samples": len(variants) * len(MEASURES) * args.rounds,
+        },
+        "config": {"quick": args.quick, "seed": args.seed, "rounds": args.rounds, "weights": "random init (seeded)",
+                   "forward": {"batch": fwd_batch, "seq_len": fwd_len, "use_cache": False},
+                   "generate": {"batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "greedy": True},
+                   "int8": {"per_channel": args.per_channel, "mode": "dynamic"},
+                   "ort_session": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1,
+                                   "graph_optimization_level": "ORT_ENABLE_ALL"},
+                   "statistic": "paired: median over rounds of (variant / PyTorch fp32 of the same family, same "
+                                "round)"},
+        "exports": reports, "greedy_equal_to_pytorch": checks, "results": results, "targets": targets,
+        "all_targets_pass": all(t["pass"] for t in targets), "wall_time_s": time.perf_counter() - started,
+    }
+    table = markdown_table(report)
+    print("\n" + table)
+    for t in targets:
+        print(f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['value']:.3f}")
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_text(os.path.join(args.out, "onnx_speed.json"), json.dumps(report, indent=2) + "\n")
+    atomic_write_text(os.path.join(args.out, "onnx_speed.md"), table)
+    plot(report, os.path.join(args.out, "onnx_speed.png"), atomic_savefig)
+    print(f"wrote {args.out}/onnx_speed.{{json,md,png}} (models in {work})")
+
+
+LABELS = {"agency": "AgencyGPT2 124M", "agency50": "AgencyGPT2 124M, 50% heads pruned",
+          "gpt2": "GPT2LMHeadModel 124M (optimum)", "armt": "UnifiedARMT (256x4, segment 512)"}
+
+
+def markdown_table(report):
+    rows = ["| model | runtime | generate tokens/s | vs PyTorch | forward tokens/s | vs PyTorch | file MB "
+            "| vs PyTorch |", "|---|---|---|---|---|---|---|---|"]
+    for name, kinds in report["results"].items():
+        for kind, e in kinds.items():
+            runtime = {"pt": "PyTorch fp32", "onnx": "ONNX Runtime fp32", "int8": "ONNX Runtime int8"}[kind]
+            rows.append(f"| {LABELS[name]} | {runtime} | {e['generate']['median_tokens_per_s']:.1f} | "
+                        f"{e['generate']['vs_pt']:.2f}x | {e['forward']['median_tokens_per_s']:.0f} | "
+                        f"{e['forward']['vs_pt']:.2f}x | {e['size_bytes'] / 1e6:.0f} | {e['size_vs_pt']:.2f}x |")
+    env = report["environment"]
+    rows.append("")
+    rows.append(f"Median over {report['config']['rounds']} interleaved rounds; ratios are paired (same round). "
+                f"{env['threads']} threads, {env['cpu']} ({env['instruction_set']}), onnxruntime "
+                f"{env['onnxruntime']}, torch {env['torch']}; load average before/after "
+                f"{env['load_average_before'][0]:.1f}/{env['load_average_after'][0]:.1f}; "
+                f"{env['contended_samples']} of {env['total_samples']} samples contended. Random-init weights.")
+    return "\n".join(rows) + "\n"
+
+
+def plot(report, path, save):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["results"])
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (what, label) in zip(axes, (("generate", "generate speed / PyTorch fp32"),
+                                        ("forward", "forward speed / PyTorch fp32"), ("size", "file size / PyTorch"))):
+        for i, kind in enumerate(("onnx", "int8")):
+            values = [report["results"][n][kind]["size_vs_pt" if what == "size" else what]
+                      if what == "size" else report["results"][n][kind][what]["vs_pt"] for n in names]
+            ax.bar([x + 0.4 * i for x in range(len(names))], values, width=0.4,
+                   label={"onnx": "ONNX fp32", "int8": "ONNX int8"}[kind])
+        ax.axhline(1.0, color="gray", lw=0.8)
+        if what == "generate":
+            ax.axhline(TARGETS["generate_vs_pt"], color="red", ls="--", lw=0.8, label="AgencyGPT2 int8 target")
+        if what == "size":
+            ax.axhline(TARGETS["size_vs_pt"], color="red", ls="--", lw=0.8, label="AgencyGPT2 int8 target")
+        ax.set_xticks([x + 0.2 for x in range(len(names))], names)
+        ax.set_title(label)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    save(fig, path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
