@@ -101,11 +101,10 @@ def _stage(folder, kind, staging, results, repo_id):
         config = _read_json(os.path.join(staging, "config.json"))
         check_config(config)
         if not config.get("auto_map"):  # saved before armada wrote remote code: save again, which adds it
-            from transformers import AutoModel
+            from .hub_cards import architecture, head_auto_class
 
-            import armada  # noqa: F401  (registers the Auto classes)
-
-            AutoModel.from_pretrained(folder).save_pretrained(staging)
+            _, models = architecture(config["model_type"])
+            models[head_auto_class(models)].from_pretrained(folder).save_pretrained(staging)
             config = _read_json(os.path.join(staging, "config.json"))
         config["armada_version"] = __version__
         with open(os.path.join(staging, "config.json"), "w", encoding="utf-8") as f:

@@ -12,7 +12,6 @@ and the plots (`<same name>.png`) that sit beside it. A new architecture needs o
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -151,27 +150,19 @@ def architecture(model_type):
     raise ValueError(f"model_type {model_type!r} is not an armada architecture; allowed: {allowed}.")
 
 
-def _head_auto_class(models):
+def head_auto_class(models):
     return next(name for name in models if name != AutoModel.__name__)
 
 
-def _parameters(folder):
-    """Number of parameters in the folder's safetensors files, read from their headers (nothing is loaded)."""
-    from safetensors import safe_open
-
-    total = 0
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".safetensors"):
-            with safe_open(os.path.join(folder, name), framework="pt") as f:
-                for key in f.keys():
-                    shape = f.get_slice(key).get_shape()
-                    total += math.prod(shape)
-    return total
+def _parameters(folder, model_type):
+    """Parameter count of the checkpoint in `folder` (loaded on CPU; buffers such as agency state not counted)."""
+    _, models = architecture(model_type)
+    return models[head_auto_class(models)].from_pretrained(folder).num_parameters()
 
 
 def _architecture_lines(config, folder):
     c = config
-    facts = [f"{_parameters(folder):,} parameters (safetensors)"]
+    facts = [f"{_parameters(folder, c['model_type']):,} parameters"]
     if c["model_type"] == "agency_gpt2":
         pruned = {int(k): v for k, v in (c.get("pruned_heads") or {}).items()}
         kept = [c["n_head"] - len(pruned.get(layer, [])) for layer in range(c["n_layer"])]
@@ -188,7 +179,7 @@ def _architecture_lines(config, folder):
 
 
 def _how_to_load(repo_id, auto_class):
-    return f"""With armada installed (`pip install armada`), `import armada` registers the architecture:
+    return f"""With armada installed, `import armada` registers the architecture with the Auto classes:
 
 ```python
 import armada  # noqa: F401
@@ -265,7 +256,7 @@ def build_card(folder, results=(), repo_id=None, template=None):
                              "path = 'user/base'`) before saving the adapter.")
         base_config = _hub_config(base_model)
         _, models = architecture(base_config["model_type"])
-        auto_class = _head_auto_class(models)
+        auto_class = head_auto_class(models)
         card_data = ModelCardData(library_name="peft", base_model=base_model, pipeline_tag=PIPELINE_TAGS[auto_class],
                                   tags=["armada", base_config["model_type"], adapter.get("peft_type", "").lower()],
                                   model_name=repo_id, eval_results=measured.eval_results or None)
@@ -285,7 +276,7 @@ def build_card(folder, results=(), repo_id=None, template=None):
     with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
     config_cls, models = architecture(config.get("model_type"))
-    auto_class = _head_auto_class(models)
+    auto_class = head_auto_class(models)
     card_data = ModelCardData(language="en", license="apache-2.0", library_name="transformers",
                               pipeline_tag=PIPELINE_TAGS[auto_class],
                               tags=["armada", config_cls.model_type, "custom_code"],
@@ -304,4 +295,5 @@ def _hub_config(repo_id):
         return json.load(f)
 
 
-__all__ = ["build_card", "read_results", "Results", "RESULT_READERS", "TEMPLATE_DIR"]
+__all__ = ["build_card", "read_results", "architecture", "head_auto_class", "Results", "RESULT_READERS",
+           "TEMPLATE_DIR"]

@@ -202,6 +202,9 @@ def test_push_pull_round_trip(hub_env, checkpoints, model_type, tmp_path):
     assert info.oid == hub_env.head(repo_id)
 
     out = pull(repo_id, str(tmp_path / "pulled"))
+    with pytest.raises(ValueError, match="overwrite"):
+        pull(repo_id, out)
+    assert pull(repo_id, out, overwrite=True) == out
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # armada installed: no trust_remote_code
     assert type(model).__module__.startswith("armada.")
     torch.testing.assert_close(logits(model, AutoTokenizer.from_pretrained(out)), reference, rtol=0, atol=0)
@@ -240,9 +243,8 @@ def test_cli_push_pull_then_offline_from_cache(hub, checkpoints, tmp_path):
         assert json.loads(proc.stdout)["commit"] == hub.head(repo_id)
         assert hub.repos[repo_id].private
         run(ARMADA + ["pull", repo_id, str(tmp_path / "pulled" / model_type)], env, cwd=REPO)
-        proc = run(ARMADA + ["pull", repo_id, str(tmp_path / "pulled" / model_type)], env, cwd=REPO, check=False)
-        assert proc.returncode != 0 and "--overwrite" in proc.stderr
-        run(ARMADA + ["pull", repo_id, str(tmp_path / "pulled" / model_type), "--overwrite"], env, cwd=REPO)
+    proc = run(ARMADA + ["pull", repos[0], str(tmp_path / "pulled" / ARCHS[0])], env, cwd=REPO, check=False)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr  # an existing output is refused
     # the cache holds the files; the Hub is now unreachable (offline, wrong endpoint, no token)
     env = cli_env(hub, home, HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9")
     del env["HF_TOKEN"]
@@ -465,3 +467,11 @@ def test_peft_adapter_push_pull(hub_env, checkpoints, tmp_path):
     loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), "tester/adapter").eval()
     torch.testing.assert_close(logits(loaded, tokenizer), reference, rtol=0, atol=0)
 
+
+
+def test_readme_hub_snippet(tmp_path, monkeypatch):
+    readme = open(os.path.join(REPO, "README.md"), encoding="utf-8").read()
+    snippet = readme.split("<!-- readme-test: hub -->\n```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet, "README.md (hub snippet)", "exec"), {"__name__": "readme"})
+    assert os.path.isfile(tmp_path / "outputs" / "armt_tiny" / "modeling_unified_armt.py")
