@@ -9,6 +9,7 @@ torch and transformers but not armada (built once under .cache/, reused between 
 import ast
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -364,10 +365,7 @@ def test_checkpoint_missing_weights_or_config(hub_env, checkpoints, tmp_path):
 def test_checkpoint_from_newer_armada(hub_env, checkpoints, tmp_path):
     """A config.json with fields this armada does not know: a clear error that names them and the way out."""
     folder, reference = checkpoints["unified_armt"]
-    newer = tmp_path / "newer"
-    newer.mkdir()
-    for name in os.listdir(folder):
-        (newer / name).write_bytes(open(os.path.join(folder, name), "rb").read())
+    newer = shutil.copytree(folder, tmp_path / "newer")
     config = json.load(open(newer / "config.json"))
     config.update(memory_decay=0.5, armada_version="9.0.0")
     (newer / "config.json").write_text(json.dumps(config))
@@ -426,10 +424,7 @@ def test_card_unknown_results_file(checkpoints, tmp_path):
 
 
 def test_cli_card(checkpoints, tmp_path):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for name in os.listdir(checkpoints["unified_armt"][0]):
-        (folder / name).write_bytes(open(os.path.join(checkpoints["unified_armt"][0], name), "rb").read())
+    folder = shutil.copytree(checkpoints["unified_armt"][0], tmp_path / "model")
     results = os.path.join(REPO, "benchmarks", "results", "armt_babilong.json")
     from armada.cli import main
 
@@ -448,7 +443,8 @@ def test_peft_adapter_push_pull(hub_env, checkpoints, tmp_path):
     folder, _ = checkpoints["agency_gpt2"]
     push(folder, "tester/base")
     base = AutoModelForCausalLM.from_pretrained("tester/base", cache_dir=str(tmp_path / "c1"))
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights=False))
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                 init_lora_weights=False))
     peft_model.eval()
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(adapter_dir)
@@ -475,3 +471,33 @@ def test_readme_hub_snippet(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet, "README.md (hub snippet)", "exec"), {"__name__": "readme"})
     assert os.path.isfile(tmp_path / "outputs" / "armt_tiny" / "modeling_unified_armt.py")
+
+
+def test_model_push_to_hub_carries_remote_code(hub_env, checkpoints, tmp_path):
+    """transformers' own `model.push_to_hub` goes through the same save_pretrained: code and auto_map included."""
+    model, tokenizer = tiny_model("unified_armt"), gpt2_tokenizer()
+    model.push_to_hub("tester/direct")
+    tokenizer.push_to_hub("tester/direct")
+    remote = hub_env.files("tester/direct")
+    assert {"modeling_unified_armt.py", "configuration_unified_armt.py", "tokenizer.json"} <= remote.keys()
+    assert "from .configuration_unified_armt import" in remote["modeling_unified_armt.py"].decode()
+    assert json.loads(remote["config.json"])["auto_map"]["AutoModelForCausalLM"] == \
+        "modeling_unified_armt.UnifiedARMTForCausalLM"
+    loaded = AutoModelForCausalLM.from_pretrained("tester/direct", cache_dir=str(tmp_path / "c")).eval()
+    torch.testing.assert_close(logits(loaded, tokenizer), logits(model, tokenizer), rtol=0, atol=0)
+
+
+def test_push_adds_remote_code_to_older_folder(hub_env, checkpoints, tmp_path):
+    """A folder saved before checkpoints carried their code: push saves it again, with code and auto_map."""
+    folder, reference = checkpoints["agency_gpt2"]
+    old = shutil.copytree(folder, tmp_path / "old", ignore=shutil.ignore_patterns("*.py"))
+    config = json.load(open(old / "config.json"))
+    del config["auto_map"]
+    (old / "config.json").write_text(json.dumps(config))
+    push(str(old), "tester/old")
+    remote = hub_env.files("tester/old")
+    assert "modeling_agency_gpt2.py" in remote and "auto_map" in json.loads(remote["config.json"])
+    out = pull("tester/old", str(tmp_path / "out"))
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules.")
+    torch.testing.assert_close(logits(model, gpt2_tokenizer()), reference, rtol=0, atol=0)
