@@ -219,8 +219,68 @@ def add_export_parser(sub):
     e.set_defaults(func=cmd_export)
 
 
+def cmd_push(args):
+    from .hub import push
+
+    info = push(args.model_dir, args.repo_id, private=args.private, revision=args.revision, results=args.results,
+                commit_message=args.message)
+    print(json.dumps({"repo_id": args.repo_id, "revision": args.revision or "main", "commit": info.oid,
+                      "url": info.commit_url}))
+
+
+def add_push_parser(sub):
+    p = sub.add_parser("push", help="push a checkpoint or PEFT adapter folder to the Hub (one commit, safetensors)")
+    p.add_argument("model_dir", help="folder written by save_pretrained (model + tokenizer, or a PEFT adapter)")
+    p.add_argument("repo_id", help="'namespace/name' on the Hub (HF_ENDPOINT); the token comes from HF_TOKEN")
+    p.add_argument("--private", action="store_true", help="create the repo private (needs a token)")
+    p.add_argument("--revision", help="branch to push to (created from main if missing); default main")
+    p.add_argument("--results", nargs="+", default=[], metavar="JSON",
+                   help="results files for the model card (replaces the folder's README.md)")
+    p.add_argument("--message", help="commit message")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_pull(args):
+    from .hub import pull
+
+    print(json.dumps({"repo_id": args.repo_id, "revision": args.revision or "main",
+                      "output": pull(args.repo_id, args.out_dir, revision=args.revision, overwrite=args.overwrite)}))
+
+
+def add_pull_parser(sub):
+    p = sub.add_parser("pull", help="download a checkpoint from the Hub (through the HF cache) into a folder")
+    p.add_argument("repo_id")
+    p.add_argument("out_dir")
+    p.add_argument("--revision", help="branch, tag or commit (default main)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty OUT_DIR")
+    p.set_defaults(func=cmd_pull)
+
+
+def cmd_card(args):
+    from .hub_cards import build_card
+    from .io_utils import atomic_write_text
+
+    path = os.path.join(args.model_dir, "README.md")
+    if os.path.exists(path) and not args.overwrite:
+        raise SystemExit(f"error: {path} exists; pass --overwrite to replace it.")
+    card = build_card(args.model_dir, results=args.results, repo_id=args.repo_id)
+    atomic_write_text(path, str(card))
+    print(json.dumps({"card": path, "eval_results": len(card.data.eval_results or [])}))
+
+
+def add_card_parser(sub):
+    p = sub.add_parser("card", help="write MODEL_DIR/README.md, a model card with the measured results")
+    p.add_argument("model_dir")
+    p.add_argument("--results", nargs="+", default=[], metavar="JSON",
+                   help="JSON written by armada's evaluation/benchmark code (examples/demo.py, benchmarks/...)")
+    p.add_argument("--repo-id", help="Hub id used in the card's loading snippets (default: the folder's name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing README.md")
+    p.set_defaults(func=cmd_card)
+
+
 # One function per subcommand: each adds its parser and sets `func` (heavy imports stay inside the handlers).
-SUBCOMMANDS = (add_prune_parser, add_report_parser, add_bench_parser, add_export_parser)
+SUBCOMMANDS = (add_prune_parser, add_report_parser, add_bench_parser, add_export_parser, add_push_parser,
+               add_pull_parser, add_card_parser)
 
 
 def main(argv=None):

@@ -344,6 +344,17 @@ def armt_memory_demo(args):
             "steps": args.armt_steps, "parameters": model.num_parameters()}
 
 
+def write_model_card(args, summary_path):
+    """The saved model's model card (README.md beside it), from the measured summary, as `armada card` writes it."""
+    from armada.hub_cards import build_card
+
+    card = build_card(args.output_dir, results=[summary_path])
+    path = os.path.join(args.output_dir, "README.md")
+    atomic_write_text(path, str(card))
+    print(f"model card with {len(card.data.eval_results)} measured results written to {path}; push it with\n"
+          f"  armada push {args.output_dir} NAMESPACE/NAME --results {summary_path}")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: 20s of training, small evaluation")
@@ -478,6 +489,9 @@ def main(argv=None):
     atomic_write_text(path, json.dumps(summary, indent=2))
     print_table(rows, list(evals))
     print(f"\nsummary written to {path}; total wall time {timings['total']:.0f}s")
+
+    section("9. Model card")
+    write_model_card(args, path)
 
 
 if __name__ == "__main__":

@@ -327,6 +327,30 @@ class UnifiedARMTPreTrainedModel(PreTrainedModel):
                 raise
             raise _broken_weights_error(error, pretrained_model_name_or_path) from error
 
+    # Auto class -> model class of this file, written with the config's own entry to config.json's `auto_map`.
+    _remote_code_auto_map = {"AutoModel": "UnifiedARMTModel", "AutoModelForCausalLM": "UnifiedARMTForCausalLM"}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the code that defines the model: this file and its configuration
+        file beside the weights, with the configuration imported flat (`from .configuration_... import`, the only
+        form transformers' remote-code loader follows), and `auto_map` naming them in config.json. The folder then
+        loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` where armada is absent."""
+        import sys
+        from pathlib import Path
+
+        if kwargs.get("push_to_hub"):
+            raise ValueError("save_pretrained(push_to_hub=True) would upload before the model's code is written; "
+                             "use model.push_to_hub(repo_id) or `armada push DIR REPO_ID`.")
+        code, config_code = Path(__file__), Path(sys.modules[type(self.config).__module__].__file__)
+        self.config.auto_map = {"AutoConfig": f"{config_code.stem}.{type(self.config).__name__}",
+                                **{auto: f"{code.stem}.{name}" for auto, name in self._remote_code_auto_map.items()}}
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            flat = code.read_text(encoding="utf-8").replace("from ..configuration.", "from .")
+            (Path(save_directory) / code.name).write_text(flat, encoding="utf-8")
+            (Path(save_directory) / config_code.name).write_text(config_code.read_text(encoding="utf-8"),
+                                                                 encoding="utf-8")
+
     def _init_weights(self, module):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
