@@ -1,7 +1,8 @@
 """armada demo (`make demo`): train a small GPT-2, convert it to AgencyGPT2, prune half its heads two ways,
 compare perplexity / size / speed with the unpruned GPT-2, save the best, reload it through the Auto classes and
-generate; then train a tiny UnifiedARMT whose answers must cross segments through its memory. Runs offline on CPU;
-training takes a fixed 3 minutes and the whole demo DEMO_DURATION (`--quick`: about a minute on idle cores).
+generate; then train a tiny UnifiedARMT whose answers must cross segments through its memory. Runs offline on CPU.
+Training takes a fixed 3 minutes; the rest depends on how busy the machine is: 319 s in all on 2 idle cores, over
+45 minutes for steps 1-6 on a 2-core machine at load average ~18 (benchmarks/README.md has both runs).
 
 Generation speed is measured as benchmarks/agency_speed.py does (benchmarks/common.py): the models take turns in
 interleaved rounds (a new order each round), and each speed-up is the median over rounds of two speeds measured in
