@@ -140,7 +140,8 @@ def plot(results, out):
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend()
-    ax_t.set_yscale("log")
+    if any("error" not in r for r in results):  # a log axis needs data: every point may have failed
+        ax_t.set_yscale("log")
     ax_t.set_title("time vs length")
     ax_m.set_title("peak memory vs length")
     fig.tight_layout()

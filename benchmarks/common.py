@@ -166,7 +166,8 @@ class LoadMonitor:
         """Share of the machine's CPUs used by other processes between two snapshots."""
         if not self.has_proc or b[0] <= a[0]:
             return 0.0
-        return max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / ((b[0] - a[0]) * self.ncpu)
+        share = max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / ((b[0] - a[0]) * self.ncpu)
+        return min(1.0, share)  # tick granularity can overshoot on a saturated machine
 
     def load_over(self, seconds: float) -> float:
         a = self.snapshot()

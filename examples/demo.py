@@ -1,8 +1,9 @@
 """armada demo (`make demo`): train a small GPT-2, convert it to AgencyGPT2, prune half its heads two ways,
 compare perplexity / size / speed with the unpruned GPT-2, save the best, reload it through the Auto classes and
 generate, export it to ONNX int8 (parity checked) and generate from the int8 file with ONNX Runtime; then train a
-tiny UnifiedARMT whose answers must cross segments through its memory. Runs offline on CPU;
-training takes a fixed 3 minutes and the whole demo DEMO_DURATION (`--quick`: about a minute on idle cores).
+tiny UnifiedARMT whose answers must cross segments through its memory, and a tiny ThoughtDiffusion. Runs offline on
+CPU. Training takes a fixed 3 minutes; the rest depends on how busy the machine is (benchmarks/README.md has the
+measured runs).
 
 Generation speed is measured as benchmarks/agency_speed.py does (benchmarks/common.py): the models take turns in
 interleaved rounds (a new order each round), and each speed-up is the median over rounds of two speeds measured in
