@@ -623,6 +623,7 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
     `generate`)."""
 
     _tied_weights_keys = ["lm_head.weight"]
+    accepts_loss_kwargs = False  # the loss is a per-token ELBO mean: Trainer scales it for gradient accumulation
 
     def __init__(self, config: ThoughtDiffusionConfig):
         super().__init__(config)
