@@ -365,7 +365,8 @@ class ThoughtDiffusionMaskedLMOutput(ModelOutput):
     """
     loss: `diffusion_loss + thought_loss_weight * thought_loss` (with `labels`).
     logits (`(batch_size, sequence_length, vocab_size)`): SUBS logits: the [MASK] logit is never predicted, an
-        unmasked position has logit 0 for its own token and the dtype's minimum elsewhere.
+        unmasked position has logit 0 for its own token and the dtype's minimum elsewhere. With `labels` in
+        training mode None: the loss runs the head on the masked positions only.
     diffusion_loss: the ELBO-weighted masked cross-entropy per token (label smoothing applied).
     elbo: the same without label smoothing: an upper bound on the NLL per token (exp: perplexity bound).
     thought_loss, thought_consistency, thought_diversity, thought_sparsity: the auxiliary terms.
@@ -637,12 +638,16 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def prediction_logits(self, hidden):
+        """Output head with the [MASK] logit at the dtype's minimum (never predicted)."""
+        logits = self.lm_head(hidden)
+        mask_column = torch.arange(logits.shape[-1], device=logits.device) == self.config.mask_token_id
+        return logits.masked_fill(mask_column, torch.finfo(logits.dtype).min)
+
     def subs_logits(self, hidden, input_ids):
         """SUBS: [MASK] is never predicted; an unmasked position puts all its mass on its own token."""
-        logits = self.lm_head(hidden)
+        logits = self.prediction_logits(hidden)
         low = torch.finfo(logits.dtype).min
-        mask_column = torch.arange(logits.shape[-1], device=logits.device) == self.config.mask_token_id
-        logits = logits.masked_fill(mask_column, low)
         carry = torch.full_like(logits, low).scatter(-1, input_ids.unsqueeze(-1), 0.0)
         return torch.where((input_ids == self.config.mask_token_id).unsqueeze(-1), logits, carry)
 
@@ -728,10 +733,10 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
                 stack = self._push_noisier_thoughts(stack, input_ids, corruptible, uniform, timesteps, kwargs)
         out = model(noisy, timesteps=timesteps, thought_stack=stack, output_attentions=output_attentions,
                     output_hidden_states=output_hidden_states, return_dict=True, **kwargs)
-        logits = self.subs_logits(out.last_hidden_state, noisy)
-
-        # masked positions only: unmasked ones carry over under SUBS and cost nothing
-        logp = F.log_softmax(logits[masked].float(), dim=-1)  # (n_masked, V)
+        # the head runs on masked positions only: unmasked ones carry over under SUBS and cost nothing (full
+        # logits are returned in eval mode only, training does not need them)
+        logits = None if self.training else self.subs_logits(out.last_hidden_state, noisy)
+        logp = F.log_softmax(self.prediction_logits(out.last_hidden_state[masked]).float(), dim=-1)  # (n, V)
         nll = -logp.gather(-1, targets[masked].unsqueeze(-1)).squeeze(-1)
         weight = elbo_weight(timesteps[masked], cfg.noise_schedule)
         per_token = corruptible.sum().clamp_min(1)
@@ -926,12 +931,14 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
                     start = (cache.length if cache is not None else 0) if use_block_cache else 0
                     end = hi if cfg.block_length is not None else canvas.shape[1]
                     rate = masked.float().mean(-1)
-                    out = self(canvas[:, start:end], attention_mask=valid[:, start:end],
-                               position_ids=positions[:, start:end], block_ids=blocks[:, start:end],
-                               timesteps=time_for_mask_rate(rate, cfg.noise_schedule).clamp_min(cfg.sampling_eps),
-                               thought_stack=stack, past_key_values=cache, use_cache=use_block_cache,
-                               return_dict=True)
-                    logits, stack = out.logits[:, lo - start:hi - start], out.thought_stack
+                    out = self.transformer(
+                        canvas[:, start:end], attention_mask=valid[:, start:end],
+                        position_ids=positions[:, start:end], block_ids=blocks[:, start:end],
+                        timesteps=time_for_mask_rate(rate, cfg.noise_schedule).clamp_min(cfg.sampling_eps),
+                        thought_stack=stack, past_key_values=cache, use_cache=use_block_cache, return_dict=True)
+                    # the head runs on the block being denoised only
+                    logits = self.subs_logits(out.last_hidden_state[:, lo - start:hi - start], canvas[:, lo:hi])
+                    stack = out.thought_stack
                     if use_block_cache:
                         cache = out.past_key_values.crop(lo)  # the prompt and finished blocks are clean now
                     forward_passes += 1
