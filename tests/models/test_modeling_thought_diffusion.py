@@ -1,4 +1,6 @@
 import collections
+import importlib.util
+import os
 import tempfile
 
 import pytest
@@ -12,6 +14,15 @@ from armada import ThoughtDiffusionConfig, ThoughtDiffusionForMaskedLM, ThoughtD
 from armada.modeling.modeling_thought_diffusion import elbo_weight, mask_rate, time_for_mask_rate
 
 MASK = 98
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def encode_slots_one_at_a_time(encoder, stack):
+    """The per-slot loop reference lives beside its speed benchmark (benchmarks/diffusion.py)."""
+    spec = importlib.util.spec_from_file_location("bench_diffusion", os.path.join(REPO, "benchmarks", "diffusion.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.encode_slots_one_at_a_time(encoder, stack)
 
 
 class ThoughtDiffusionModelTester:
@@ -235,35 +246,6 @@ def test_ring_buffer_order_matches_a_deque():
     assert torch.equal(newest[0], reference[0][-1]) and has.all()
 
 
-def per_slot_encoder_reference(encoder, stack):
-    """The encoder one row and one slot at a time, with plain tensor ops: what the vectorized module must equal."""
-    slots, valid = stack.read()
-    n, s = valid.shape
-    attn, heads = encoder.attn, encoder.attn.num_heads
-    out = torch.zeros(n, 1 + s, encoder.input_proj.out_features)
-    for row in range(n):
-        x = [encoder.input_proj(slots[row, i].flatten()) + encoder.temporal.weight[i] for i in range(s)]
-        encoded = []
-        for i in range(s):
-            q, _, _ = attn.qkv(encoder.ln_1(x[i])[None, None])
-            visible = [j for j in range(s) if valid[row, j] or j == i]
-            kv = [attn.qkv(encoder.ln_1(x[j])[None, None]) for j in visible]
-            k = torch.cat([t[1] for t in kv], dim=2)
-            v = torch.cat([t[2] for t in kv], dim=2)
-            w = (q @ k.transpose(-1, -2) * attn.scaling).softmax(-1)
-            y = x[i] + attn.c_proj((w @ v).transpose(1, 2).reshape(1, -1))[0]
-            encoded.append(y + encoder.mlp(encoder.ln_2(y)))
-        pool = encoder.pooling
-        context = [pool.null] + [encoded[j] for j in range(s) if valid[row, j]]
-        q = pool.attn.q_proj(pool.query).view(heads, 1, -1)
-        kv = pool.attn.kv_proj(torch.stack(context)).split(q.shape[-1] * heads, dim=-1)
-        k, v = (t.view(len(context), heads, -1).transpose(0, 1) for t in kv)
-        w = (q @ k.transpose(-1, -2) * pool.attn.scaling).softmax(-1)
-        pooled = pool.attn.c_proj((w @ v).reshape(-1))
-        out[row] = encoder.ln_f(torch.stack([pooled] + encoded))
-    return out, torch.cat([torch.ones(n, 1, dtype=torch.bool), valid], dim=1)
-
-
 def test_vectorized_encoder_equals_per_slot_reference():
     model = ThoughtDiffusionModelTester().model()
     encoder = model.transformer.thought_encoder
@@ -273,7 +255,7 @@ def test_vectorized_encoder_equals_per_slot_reference():
         stack = stack.push(torch.randn(3, 4, 2, generator=generator), rows=torch.tensor([True, step < 2, step < 1]))
     with torch.no_grad():
         memory, valid = encoder(stack, torch.float32)
-        reference, reference_valid = per_slot_encoder_reference(encoder, stack)
+        reference, reference_valid = encode_slots_one_at_a_time(encoder, stack)
     assert torch.equal(valid, reference_valid)
     assert_close(memory[valid], reference[valid], 1e-5, "vectorized vs per-slot")
 
