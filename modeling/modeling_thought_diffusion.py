@@ -547,40 +547,25 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         return_dict = return_dict if return_dict is not None else cfg.use_return_dict
         self._check_ids(input_ids)
         batch, length = input_ids.shape
-        device, dtype = input_ids.device, self.wte.weight.dtype
-        if torch.is_autocast_enabled(device.type):
-            dtype = torch.get_autocast_dtype(device.type)
-        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        position_ids = self.default_positions(input_ids, attention_mask) if position_ids is None else position_ids
-        block_ids = self.default_blocks(position_ids) if block_ids is None else block_ids
-        groups = torch.zeros_like(input_ids) if thought_groups is None else thought_groups
-        if timesteps is None:
-            timesteps = self.estimate_timesteps(input_ids, attention_mask)
-        timesteps = timesteps.to(device).float()
-        timesteps = timesteps.unsqueeze(1).expand(-1, length) if timesteps.dim() == 1 else timesteps
-        is_mask = (input_ids == cfg.mask_token_id) & valid
-
-        tokens, noisy_stream = input_ids, torch.zeros_like(valid)
-        if clean_input_ids is not None:  # BD3-LM training: [x_t ; x_0]
-            tokens = torch.cat([input_ids, clean_input_ids], dim=1)
-            position_ids, block_ids = position_ids.repeat(1, 2), block_ids.repeat(1, 2)
-            valid, noisy_stream = valid.repeat(1, 2), torch.cat([~noisy_stream, noisy_stream], dim=1)
-            groups, timesteps = groups.repeat(1, 2), timesteps.repeat(1, 2)
-            is_mask = torch.cat([is_mask, torch.zeros_like(is_mask)], dim=1)
-        condition = is_mask.unsqueeze(-1).to(dtype)
-        hidden = self.wte(tokens) + self.wpe(position_ids) + condition * self.time_embedding(timesteps, dtype)
+        dtype = self.wte.weight.dtype
+        if torch.is_autocast_enabled(input_ids.device.type):
+            dtype = torch.get_autocast_dtype(input_ids.device.type)
+        x = self._positions_and_streams(input_ids, attention_mask, position_ids, block_ids, thought_groups, timesteps,
+                                        clean_input_ids)
+        condition = x["is_mask"].unsqueeze(-1).to(dtype)
+        hidden = self.wte(x["tokens"]) + self.wpe(x["positions"]) + condition * self.time_embedding(x["times"], dtype)
         hidden = self.drop(hidden.to(dtype))
         past_mask = None if past_key_values is None else past_key_values.mask
-        mask = self._self_attention_mask(block_ids, valid, noisy_stream, past_mask, dtype)
+        mask = self._self_attention_mask(x["blocks"], x["valid"], x["noisy_stream"], past_mask, dtype)
 
         memory = memory_mask = None
         if cfg.thought_stack_size:
             if thought_stack is None:
-                thought_stack = ThoughtStack.empty(cfg, batch, device)
+                thought_stack = ThoughtStack.empty(cfg, batch, input_ids.device)
             if thought_stack.batch_size % batch:
                 raise ValueError(f"thought_stack holds {thought_stack.batch_size} rows, not a multiple of the batch "
                                  f"size {batch}")
-            memory, memory_mask, num_groups = self._encode_stack(thought_stack, groups, batch, dtype)
+            memory, memory_mask, num_groups = self._encode_stack(thought_stack, x["groups"], batch, dtype)
 
         all_hidden, all_attn, keys, values = [hidden], [], [], []
         for i, block in enumerate(self.h):
@@ -588,27 +573,53 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
             past_v = None if past_key_values is None else past_key_values.values[i]
             hidden, k, v, w = block(hidden, mask, past_k, past_v, memory, memory_mask, condition,
                                     output_attentions=output_attentions)
-            keys.append(k if past_k is None else torch.cat([past_k, k], dim=2))
-            values.append(v if past_v is None else torch.cat([past_v, v], dim=2))
+            if use_cache:
+                keys.append(k if past_k is None else torch.cat([past_k, k], dim=2))
+                values.append(v if past_v is None else torch.cat([past_v, v], dim=2))
             all_hidden.append(hidden)
             all_attn.append(w)
-        hidden = self.ln_f(hidden)[:, :length]
+        hidden = self.ln_f(hidden)[:, :length]  # the noisy stream
 
         new_thought = features = None
         if cfg.thought_stack_size:
-            features = self._pool_thought(hidden, is_mask[:, :length], groups[:, :length], num_groups)
+            features = self._pool_thought(hidden, x["is_mask"][:, :length], x["groups"][:, :length], num_groups)
             new_thought = self.thought_head(features)
             thought_stack = thought_stack.push(new_thought.detach())
         cache = None
         if use_cache:
-            cache_mask = valid[:, :length] if past_mask is None else torch.cat([past_mask, valid[:, :length]], 1)
-            cache = ThoughtDiffusionBlockCache(keys, values, cache_mask)
+            valid = x["valid"][:, :length]
+            cache = ThoughtDiffusionBlockCache(keys, values, valid if past_mask is None else
+                                               torch.cat([past_mask, valid], dim=1))
         out = ThoughtDiffusionModelOutput(
             last_hidden_state=hidden, new_thought=new_thought, thought_stack=thought_stack,
             thought_features=features, past_key_values=cache,
             hidden_states=tuple(h[:, :length] for h in all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None)
         return out if return_dict else out.to_tuple()
+
+    def _positions_and_streams(self, input_ids, attention_mask, position_ids, block_ids, thought_groups, timesteps,
+                               clean_input_ids):
+        """Per-position tensors (B, T) of one call, with defaults filled in: tokens, positions, blocks, valid (real
+        token), thought groups, times, is_mask and noisy_stream. With `clean_input_ids` every tensor is doubled
+        to (B, 2T): [x_t ; x_0], noisy_stream True on the first half."""
+        length = input_ids.shape[1]
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        positions = self.default_positions(input_ids, attention_mask) if position_ids is None else position_ids
+        blocks = self.default_blocks(positions) if block_ids is None else block_ids
+        groups = torch.zeros_like(input_ids) if thought_groups is None else thought_groups
+        times = self.estimate_timesteps(input_ids, attention_mask) if timesteps is None else timesteps
+        times = times.to(input_ids.device).float()
+        times = times.unsqueeze(1).expand(-1, length) if times.dim() == 1 else times
+        x = {"tokens": input_ids, "positions": positions, "blocks": blocks, "valid": valid, "groups": groups,
+             "times": times, "is_mask": (input_ids == self.config.mask_token_id) & valid,
+             "noisy_stream": torch.zeros_like(valid)}
+        if clean_input_ids is None:
+            return x
+        x = {key: value.repeat(1, 2) for key, value in x.items()}
+        x["tokens"] = torch.cat([input_ids, clean_input_ids], dim=1)
+        x["is_mask"][:, length:] = False
+        x["noisy_stream"][:, :length] = True
+        return x
 
     def _check_ids(self, input_ids):
         if input_ids is None:
