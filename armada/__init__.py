@@ -5,13 +5,17 @@ table (`ARCHITECTURES`): each architecture names its config, its base model, and
 Auto class.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from .configuration import AgencyGPT2Config, UnifiedARMTConfig
+from .configuration import AgencyGPT2Config, ThoughtDiffusionConfig, UnifiedARMTConfig
 from .modeling import (
     AgencyGPT2ForCausalLM,
     AgencyGPT2Model,
     AgencyGPT2PreTrainedModel,
+    ThoughtDiffusionForMaskedLM,
+    ThoughtDiffusionModel,
+    ThoughtDiffusionPreTrainedModel,
+    ThoughtStack,
     UnifiedARMTForCausalLM,
     UnifiedARMTMemoryState,
     UnifiedARMTModel,
@@ -24,6 +28,7 @@ __version__ = "0.1.0.dev0"
 ARCHITECTURES = {
     AgencyGPT2Config: {AutoModel: AgencyGPT2Model, AutoModelForCausalLM: AgencyGPT2ForCausalLM},
     UnifiedARMTConfig: {AutoModel: UnifiedARMTModel, AutoModelForCausalLM: UnifiedARMTForCausalLM},
+    ThoughtDiffusionConfig: {AutoModel: ThoughtDiffusionModel, AutoModelForMaskedLM: ThoughtDiffusionForMaskedLM},
 }
 
 
@@ -41,4 +46,6 @@ __all__ = [
     "AgencyGPT2Config", "AgencyGPT2Model", "AgencyGPT2ForCausalLM", "AgencyGPT2PreTrainedModel",
     "UnifiedARMTConfig", "UnifiedARMTModel", "UnifiedARMTForCausalLM", "UnifiedARMTPreTrainedModel",
     "UnifiedARMTMemoryState",
+    "ThoughtDiffusionConfig", "ThoughtDiffusionModel", "ThoughtDiffusionForMaskedLM", "ThoughtDiffusionPreTrainedModel",
+    "ThoughtStack",
 ]

@@ -1,4 +1,10 @@
 from .modeling_agency_gpt2 import AgencyGPT2ForCausalLM, AgencyGPT2Model, AgencyGPT2PreTrainedModel
+from .modeling_thought_diffusion import (
+    ThoughtDiffusionForMaskedLM,
+    ThoughtDiffusionModel,
+    ThoughtDiffusionPreTrainedModel,
+    ThoughtStack,
+)
 from .modeling_unified_armt import (
     UnifiedARMTForCausalLM,
     UnifiedARMTMemoryState,
@@ -7,4 +13,5 @@ from .modeling_unified_armt import (
 )
 
 __all__ = ["AgencyGPT2Model", "AgencyGPT2ForCausalLM", "AgencyGPT2PreTrainedModel", "UnifiedARMTModel",
-           "UnifiedARMTForCausalLM", "UnifiedARMTPreTrainedModel", "UnifiedARMTMemoryState"]
+           "UnifiedARMTForCausalLM", "UnifiedARMTPreTrainedModel", "UnifiedARMTMemoryState",
+           "ThoughtDiffusionModel", "ThoughtDiffusionForMaskedLM", "ThoughtDiffusionPreTrainedModel", "ThoughtStack"]

@@ -1,4 +1,4 @@
-"""Trainer integrations: agency dynamics callback, distillation, curriculum."""
+"""Trainer integrations: agency dynamics callback, distillation, curriculum, loss-part logging."""
 
 from .agency_callback import AgencyCallback, find_agency_model
 from .curriculum import (
@@ -6,11 +6,13 @@ from .curriculum import (
     CurriculumCallback,
     CurriculumStage,
     CurriculumTrainer,
+    config_stage,
     finalize_pruning,
     mask_heads_to_level,
     pruning_curriculum,
 )
 from .distillation import DistillationTrainer
+from .loss_parts import DiffusionCurriculumTrainer, DiffusionTrainer, LossPartsLoggingMixin
 
 __all__ = [
     "AgencyCallback",
@@ -18,6 +20,10 @@ __all__ = [
     "CurriculumCallback",
     "CurriculumStage",
     "CurriculumTrainer",
+    "DiffusionCurriculumTrainer",
+    "DiffusionTrainer",
+    "LossPartsLoggingMixin",
+    "config_stage",
     "DistillationTrainer",
     "finalize_pruning",
     "find_agency_model",

@@ -173,6 +173,31 @@ class CurriculumTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
+def config_stage(name: str, max_steps: Optional[int] = None, metric: Optional[str] = None,
+                 threshold: Optional[float] = None, greater_is_better: bool = True, config=None,
+                 **changes) -> CurriculumStage:
+    """A stage that sets model config fields when it begins, e.g. for ThoughtDiffusion
+    `config_stage("easy", 100, max_train_time=0.5, noise_schedule="cosine", thought_loss_weight=0.0)`: the noise
+    schedule, the masking range or the auxiliary-loss weight (the model reads them at every forward). The changed
+    config is validated as a whole, up front when `config` is given, else when the stage begins: a bad value raises
+    the config's ValueError naming the allowed values."""
+
+    def validated(base):
+        return type(base)(**{**base.to_dict(), **changes})
+
+    if config is not None:
+        validated(config)
+
+    def apply(trainer):
+        config = trainer.model.config
+        new = validated(config)
+        for key in changes:
+            setattr(config, key, getattr(new, key))
+
+    return CurriculumStage(name=name, apply=apply, max_steps=max_steps, metric=metric, threshold=threshold,
+                           greater_is_better=greater_is_better, params=dict(changes))
+
+
 # ---------------------------------------------------------------------------------------------- pruning curriculum
 
 
@@ -231,4 +256,4 @@ def pruning_curriculum(levels=(0.0, 0.3, 0.5, 0.7), strategy="importance", data=
 
 
 __all__ = ["CurriculumStage", "Curriculum", "CurriculumCallback", "CurriculumTrainer", "pruning_curriculum",
-           "mask_heads_to_level", "finalize_pruning", "withdrawn_or_pruned"]
+           "config_stage", "mask_heads_to_level", "finalize_pruning", "withdrawn_or_pruned"]

@@ -1,0 +1,514 @@
+"""ThoughtDiffusion vs a GPT-2 of the same size: quality, sampling speed, sample quality, the seed's claims.
+
+One run, on the GPT-2 BPE (restricted to the token types of the text, see `Vocabulary`) and the shared
+wikitext-2 text:
+  train     ThoughtDiffusion (block-causal, block 16, thought stack 8), the same with `thought_stack_size=0`
+            (ablation) and GPT2LMHeadModel, same width/depth/heads, on the same blocks of wikitext-2/valid.txt in
+            the same order (same token budget; a plain AdamW loop, identical for the three, rather than Trainer,
+            so that nothing but the model differs)
+  quality   the diffusion models' ELBO perplexity bound on a fixed subset of wikitext-2/test.txt (the first
+            --eval-blocks blocks; t on a fixed midpoint grid of --elbo-t values, seeded masks), empty stack and
+            with one self-conditioning thought (a noisier pass first, as in training); GPT-2's perplexity on the
+            same blocks (the first token of a block has no context for GPT-2 and is not scored)
+  sampling  --new-tokens new tokens after a 32-token test prompt, batch 1, temperature --temperature: GPT-2's
+            generate (KV cache) vs ThoughtDiffusion at each of --steps-list steps, with and without the block KV
+            cache, with and without a confidence threshold (0.9). Timed in rounds: every variant once per round
+            (shuffled, one prompt per round), a speed ratio is the median over rounds of the ratio measured in the
+            same round (paired: the machine is shared, its speed drifts). The same samples give sample quality:
+            perplexity of the new tokens under the trained GPT-2, and distinct-2
+  claims    gradient checkpointing's peak-memory saving on one training step (process RSS, median of rounds), bf16
+            autocast vs fp32 training-step and forward time (paired rounds), the vectorized thought encoder vs a
+            per-slot Python loop (paired rounds; outputs checked equal)
+
+Writes diffusion.json, diffusion.png and diffusion.md to --out (default outputs/diffusion; an existing report is
+refused unless --overwrite; benchmarks/results/diffusion only with --write-results).
+
+    python benchmarks/diffusion.py                        # full run (~30-40 min on 2 shared cores)
+    python benchmarks/diffusion.py --quick --out /tmp/d   # tiny budget, smoke test (about a minute)
+"""
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from armada import ThoughtDiffusionConfig, ThoughtDiffusionForMaskedLM, ThoughtStack
+from armada.evaluation import lexical_diversity, peak_memory
+from armada.io_utils import atomic_savefig, atomic_write_text
+from armada.tokenization import gpt2_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(REPO, "..", "shared", "data", "wikitext-2")
+TARGETS = {"elbo_ppl_ratio_max": 1.3, "speed_ratio_min_at_16": 1.5, "sample_ppl_ratio_max_at_16": 1.5}
+THRESHOLD = 0.9
+PROMPT_TOKENS = 32
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budget for a smoke test")
+    parser.add_argument("--out", default=os.path.join(REPO, "outputs", "diffusion"))
+    parser.add_argument("--write-results", action="store_true",
+                        help="write to benchmarks/results/diffusion instead of --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report in the output folder")
+    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per model (default 500)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--block-length", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--eval-blocks", type=int, default=None, help="test blocks for perplexity (default 48)")
+    parser.add_argument("--elbo-t", type=int, default=None, help="t grid points per block (default 8)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 128")
+    parser.add_argument("--steps-list", default=None, help="denoising steps to time (default 8,16,32,64)")
+    parser.add_argument("--rounds", type=int, default=None, help="timed sampling rounds (default 8)")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = dict(train_steps=(2, 500), eval_blocks=(2, 48), elbo_t=(2, 8), new_tokens=(16, 128),
+                    steps_list=("2,4", "8,16,32,64"), rounds=(1, 8))
+    for name, (small, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    if quick:
+        args.hidden, args.layers, args.heads, args.seq_len, args.batch_size = 32, 2, 2, 64, 2
+    args.steps_list = [int(s) for s in args.steps_list.split(",")]
+    if args.write_results:
+        args.out = os.path.join(REPO, "benchmarks", "results", "diffusion")
+    for name in ("train_steps", "eval_blocks", "elbo_t", "new_tokens", "rounds", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.new_tokens % args.block_length or any(s < args.new_tokens // args.block_length or s > args.new_tokens
+                                                  for s in args.steps_list):
+        parser.error(f"--new-tokens must be a multiple of --block-length and every step count in "
+                     f"[{args.new_tokens // args.block_length}, {args.new_tokens}], got {args.new_tokens} / "
+                     f"{args.steps_list}")
+    if args.temperature <= 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
+    if os.path.exists(os.path.join(args.out, "diffusion.json")) and not args.overwrite:
+        parser.error(f"{args.out}/diffusion.json exists; pass --overwrite to replace it")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------ data and models
+def text_blocks(name, tokenizer, length, max_chars=None):
+    """Consecutive blocks of `length` tokens of a shared text file (its first `max_chars` characters)."""
+    with open(os.path.join(DATA, name), encoding="utf-8") as f:
+        text = f.read(max_chars) if max_chars else f.read()
+    ids = torch.tensor(tokenizer(text).input_ids)
+    return ids[:len(ids) // length * length].view(-1, length)
+
+
+class Vocabulary:
+    """The GPT-2 token types that occur in the benchmark's text (+ EOS and [MASK]), renumbered 0..n-1: the output
+    softmax over 50K types is most of the cost of these small models on a CPU; both models share this vocabulary."""
+
+    def __init__(self, tokenizer, *blocks):
+        types = torch.unique(torch.cat([b.flatten() for b in blocks] + [torch.tensor([tokenizer.eos_token_id])]))
+        self.tokenizer, self.gpt2_ids = tokenizer, types
+        self.lookup = torch.full((len(tokenizer),), -1, dtype=torch.long)
+        self.lookup[types] = torch.arange(len(types))
+        self.eos_id, self.mask_id, self.size = int(self.lookup[tokenizer.eos_token_id]), len(types), len(types) + 1
+
+    def encode(self, gpt2_ids):
+        return self.lookup[gpt2_ids]
+
+    def decode(self, ids):
+        ids = ids[ids < len(self.gpt2_ids)]
+        return self.tokenizer.decode(self.gpt2_ids[ids])
+
+
+def build_models(args, vocab):
+    common = dict(vocab_size=vocab.size, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                  num_attention_heads=args.heads, max_position_embeddings=2 * args.seq_len + args.new_tokens,
+                  mask_token_id=vocab.mask_id, block_length=args.block_length, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=vocab.eos_id, bos_token_id=vocab.eos_id,
+                  eos_token_id=vocab.eos_id)
+    torch.manual_seed(args.seed)
+    diffusion = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**common))
+    torch.manual_seed(args.seed)
+    ablation = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**common, thought_stack_size=0))
+    torch.manual_seed(args.seed)
+    ar = GPT2LMHeadModel(GPT2Config(vocab_size=vocab.size, n_embd=args.hidden, n_layer=args.layers,
+                                    n_head=args.heads, n_positions=common["max_position_embeddings"], resid_pdrop=0.0,
+                                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab.eos_id,
+                                    eos_token_id=vocab.eos_id))
+    return {"thought_diffusion": diffusion, "no_stack": ablation, "gpt2": ar}
+
+
+def train(model, blocks, args, name):
+    """AdamW, 5% warm-up then cosine decay; the same block order for every model (seeded permutation)."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    warmup = max(1, args.train_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / args.train_steps))))
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))
+    curve, start = [], time.perf_counter()
+    torch.manual_seed(args.seed)
+    for step in range(args.train_steps):
+        index = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(blocks)]
+        batch = blocks[index]
+        out = model(input_ids=batch, labels=batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        value = float((out.elbo if getattr(out, "elbo", None) is not None else out.loss).detach())
+        curve.append(value)
+        if step % max(1, args.train_steps // 10) == 0:
+            print(f"[{name}] step {step} loss {value:.3f}", file=sys.stderr, flush=True)
+    model.eval()
+    return {"seconds": time.perf_counter() - start, "curve": curve, "tokens": args.train_steps * args.batch_size *
+            args.seq_len, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+# ------------------------------------------------------------------------------------------------ quality
+@torch.no_grad()
+def elbo_perplexity(model, blocks, args, with_thought=False):
+    """exp(mean ELBO per token) over `blocks`, t on the midpoint grid of `--elbo-t` points in (eps, 1): a
+    deterministic quadrature of the ELBO's integral over t with seeded masks. `with_thought`: the training path's
+    self-conditioning (one noisier pass pushes its thought first; dropout is 0, so train mode changes nothing else)."""
+    config = model.config
+    saved = config.thought_train_prob
+    if with_thought:
+        config.thought_train_prob = 1.0
+        model.train()
+    low, high = config.sampling_eps, 1.0
+    grid = [low + (high - low) * (k + 0.5) / args.elbo_t for k in range(args.elbo_t)]
+    total = 0.0
+    try:
+        for k, t in enumerate(grid):
+            for i in range(0, len(blocks), args.batch_size):
+                torch.manual_seed(args.seed * 1000 + k * 100 + i)
+                batch = blocks[i:i + args.batch_size]
+                out = model(input_ids=batch, labels=batch, timesteps=torch.full((len(batch),), t))
+                total += float(out.elbo) * len(batch)
+    finally:
+        config.thought_train_prob = saved
+        model.eval()
+    nll = total / (len(grid) * len(blocks))
+    return {"perplexity": math.exp(nll), "nll": nll, "t_grid": len(grid), "blocks": len(blocks)}
+
+
+@torch.no_grad()
+def ar_perplexity(model, blocks, args):
+    nll, count = 0.0, 0
+    for i in range(0, len(blocks), args.batch_size):
+        batch = blocks[i:i + args.batch_size]
+        logits = model(batch).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        count += batch[:, 1:].numel()
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count}
+
+
+@torch.no_grad()
+def sample_perplexity(ar, prompts, samples):
+    """Perplexity of the sampled tokens under the AR model, given their prompt."""
+    nll, count = 0.0, 0
+    for prompt, sample in zip(prompts, samples):
+        ids = torch.cat([prompt, sample]).unsqueeze(0)
+        logits = ar(ids).logits[0, len(prompt) - 1:-1].float()
+        nll += float(F.cross_entropy(logits, sample, reduction="sum"))
+        count += len(sample)
+    return math.exp(nll / count)
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def sampling_variants(args):
+    variants = {"gpt2": None}
+    for steps in args.steps_list:
+        for cache in (True, False):
+            for threshold in (None, THRESHOLD):
+                name = f"td_{steps}{'_cache' if cache else ''}{'_thr' if threshold else ''}"
+                variants[name] = dict(num_steps=steps, use_block_cache=cache, confidence_threshold=threshold)
+    variants["no_stack_16_cache"] = dict(num_steps=16, use_block_cache=True, confidence_threshold=None)
+    return {k: v for k, v in variants.items() if not k.startswith("no_stack") or 16 in args.steps_list}
+
+
+@torch.no_grad()
+def run_variant(name, spec, models, prompt, args, seed):
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    if spec is None:
+        out = models["gpt2"].generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True,
+                                      temperature=args.temperature, top_k=0, max_new_tokens=args.new_tokens,
+                                      min_new_tokens=args.new_tokens, pad_token_id=0)
+        new, forwards = out[0, prompt.shape[1]:], args.new_tokens
+    else:
+        model = models["no_stack" if name.startswith("no_stack") else "thought_diffusion"]
+        out = model.generate_with_stack(prompt, max_new_tokens=args.new_tokens, temperature=args.temperature, **spec)
+        new, forwards = out.sequences[0, prompt.shape[1]:], out.num_forward_passes
+    return time.perf_counter() - start, new, forwards
+
+
+def measure_sampling(models, test_blocks, vocab, args):
+    variants = sampling_variants(args)
+    rng = random.Random(args.seed)
+    times = {name: [] for name in variants}
+    samples = {name: [] for name in variants}
+    forwards = {name: [] for name in variants}
+    prompts = []
+    for name, spec in variants.items():  # warm-up
+        run_variant(name, spec, models, test_blocks[0:1, :PROMPT_TOKENS], args, 0)
+    for r in range(args.rounds):
+        prompt = test_blocks[(r + 1) % len(test_blocks)][None, :PROMPT_TOKENS]
+        prompts.append(prompt[0])
+        order = list(variants)
+        rng.shuffle(order)
+        for name in order:
+            seconds, new, n = run_variant(name, variants[name], models, prompt, args, seed=args.seed + r)
+            times[name].append(seconds)
+            samples[name].append(new)
+            forwards[name].append(n)
+        print(f"[sampling] round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    results = {}
+    for name in variants:
+        paired = [times["gpt2"][r] / times[name][r] for r in range(args.rounds)]
+        texts = [vocab.decode(s) for s in samples[name]]
+        results[name] = {
+            **(variants[name] or {"kind": "gpt2 generate, KV cache"}),
+            "tokens_per_s": args.new_tokens / statistics.median(times[name]),
+            "speed_ratio_vs_gpt2": statistics.median(paired),
+            "forward_passes": statistics.mean(forwards[name]),
+            "sample_perplexity_under_gpt2": sample_perplexity(models["gpt2"], prompts, samples[name]),
+            "distinct_2": lexical_diversity(texts)["distinct_2"],
+            "example": texts[0][:300],
+        }
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ seed's claims
+def one_training_step(model, batch, bf16=False):
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def paired_rounds(functions, rounds, seed):
+    """Median time of each function and the paired median ratio first / each, over interleaved rounds."""
+    rng = random.Random(seed)
+    times = {name: [] for name in functions}
+    for fn in functions.values():
+        fn()
+    for _ in range(rounds):
+        order = list(functions)
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            functions[name]()
+            times[name].append(time.perf_counter() - start)
+    first = next(iter(functions))
+    return {name: {"seconds": statistics.median(t),
+                   "ratio_to_" + first: statistics.median(a / b for a, b in zip(times[first], t))}
+            for name, t in times.items()}
+
+
+def checkpointing_memory(model, batch, rounds):
+    peaks = {False: [], True: []}
+    for _ in range(rounds):
+        for enabled in (False, True):
+            if enabled:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_disable()
+            torch.manual_seed(0)
+            with peak_memory() as memory:
+                one_training_step(model, batch)
+            peaks[enabled].append(memory["peak_delta_bytes"] / 2**20)
+    model.gradient_checkpointing_disable()
+    plain, checkpointed = statistics.median(peaks[False]), statistics.median(peaks[True])
+    return {"peak_delta_mib": plain, "peak_delta_mib_checkpointing": checkpointed,
+            "saving": 1 - checkpointed / plain if plain > 0 else None, "batch": list(batch.shape), "rounds": rounds}
+
+
+def encode_slots_one_at_a_time(encoder, stack):
+    """The thought encoder one row and one slot at a time, with plain tensor ops (the per-slot loop the
+    vectorized `ThoughtStackEncoder` replaces; tests check the two agree)."""
+    slots, valid = stack.read()
+    n, s = valid.shape
+    attn, heads = encoder.attn, encoder.attn.num_heads
+    out = torch.zeros(n, 1 + s, encoder.input_proj.out_features)
+    for row in range(n):
+        x = [encoder.input_proj(slots[row, i].flatten()) + encoder.temporal.weight[i] for i in range(s)]
+        encoded = []
+        for i in range(s):
+            q, _, _ = attn.qkv(encoder.ln_1(x[i])[None, None])
+            visible = [j for j in range(s) if valid[row, j] or j == i]
+            kv = [attn.qkv(encoder.ln_1(x[j])[None, None]) for j in visible]
+            k = torch.cat([t[1] for t in kv], dim=2)
+            v = torch.cat([t[2] for t in kv], dim=2)
+            w = (q @ k.transpose(-1, -2) * attn.scaling).softmax(-1)
+            y = x[i] + attn.c_proj((w @ v).transpose(1, 2).reshape(1, -1))[0]
+            encoded.append(y + encoder.mlp(encoder.ln_2(y)))
+        pool = encoder.pooling
+        context = [pool.null] + [encoded[j] for j in range(s) if valid[row, j]]
+        q = pool.attn.q_proj(pool.query).view(heads, 1, -1)
+        kv = pool.attn.kv_proj(torch.stack(context)).split(q.shape[-1] * heads, dim=-1)
+        k, v = (t.view(len(context), heads, -1).transpose(0, 1) for t in kv)
+        w = (q @ k.transpose(-1, -2) * pool.attn.scaling).softmax(-1)
+        pooled = pool.attn.c_proj((w @ v).reshape(-1))
+        out[row] = encoder.ln_f(torch.stack([pooled] + encoded))
+    return out, torch.cat([torch.ones(n, 1, dtype=torch.bool), valid], dim=1)
+
+
+@torch.no_grad()
+def encoder_speed(model, args):
+    config, encoder = model.config, model.transformer.thought_encoder
+    stack = ThoughtStack.empty(config, args.batch_size)
+    for _ in range(config.thought_stack_size):
+        stack = stack.push(torch.randn(args.batch_size, *config.thought_dims))
+    vectorized, _ = encoder(stack, torch.float32)
+    looped, _ = encode_slots_one_at_a_time(encoder, stack)
+    timing = paired_rounds({"per_slot_loop": lambda: encode_slots_one_at_a_time(encoder, stack),
+                            "vectorized": lambda: encoder(stack, torch.float32)}, args.rounds * 3, args.seed)
+    return {**timing, "max_abs_diff": float((vectorized - looped).abs().max()), "batch": args.batch_size,
+            "slots": config.thought_stack_size}
+
+
+def seed_claims(model, blocks, args):
+    batch = blocks[:args.batch_size * 2]
+    step_time = paired_rounds({"fp32": lambda: one_training_step(model, batch),
+                               "bf16_autocast": lambda: one_training_step(model, batch, bf16=True)},
+                              args.rounds, args.seed)
+
+    def forward(bf16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            model.eval()
+            model(input_ids=batch.masked_fill(torch.rand(batch.shape) < 0.5, model.config.mask_token_id))
+
+    forward_time = paired_rounds({"fp32": lambda: forward(False), "bf16_autocast": lambda: forward(True)},
+                                 args.rounds, args.seed)
+    model.eval()
+    return {"gradient_checkpointing": checkpointing_memory(model, batch, max(2, args.rounds // 2)),
+            "bf16_training_step": step_time, "bf16_forward": forward_time, "encoder": encoder_speed(model, args)}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def environment(args):
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": platform.processor() or platform.machine(), "threads": args.threads,
+            "load_average_at_start": os.getloadavg(),
+            "note": "shared machine (several jobs on 2 cores): absolute speeds vary; ratios are paired per round"}
+
+
+def write_report(report, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_text(os.path.join(args.out, "diffusion.json"), json.dumps(report, indent=2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for name, run in report["training"].items():
+        curve = run["curve"]
+        window = max(1, len(curve) // 25)
+        smooth = [statistics.mean(curve[max(0, i - window):i + 1]) for i in range(len(curve))]
+        axes[0].plot(smooth, label=f"{name} ({'ELBO' if name != 'gpt2' else 'NLL'})")
+    axes[0].set(xlabel="step", ylabel="nats / token", title="training loss (same blocks, same order)")
+    axes[0].legend()
+    sampling = report["sampling"]
+    for cache in (True, False):
+        for threshold in (False, True):
+            names = [f"td_{s}{'_cache' if cache else ''}{'_thr' if threshold else ''}" for s in args.steps_list]
+            label = f"{'cache' if cache else 'recompute'}{' + threshold' if threshold else ''}"
+            axes[1].plot(args.steps_list, [sampling[n]["tokens_per_s"] for n in names], marker="o", label=label)
+            if not threshold:
+                axes[2].plot(args.steps_list, [sampling[n]["sample_perplexity_under_gpt2"] for n in names],
+                             marker="o", label=label)
+    axes[1].axhline(sampling["gpt2"]["tokens_per_s"], color="k", ls="--", label="GPT-2 generate (KV cache)")
+    axes[1].set(xscale="log", xlabel="denoising steps", ylabel="tokens / s", title=f"{args.new_tokens} new tokens")
+    axes[1].legend(fontsize=8)
+    axes[2].axhline(sampling["gpt2"]["sample_perplexity_under_gpt2"], color="k", ls="--", label="GPT-2's own samples")
+    axes[2].set(xscale="log", yscale="log", xlabel="denoising steps", ylabel="perplexity under GPT-2",
+                title="sample quality")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_savefig(fig, os.path.join(args.out, "diffusion.png"), dpi=110)
+    atomic_write_text(os.path.join(args.out, "diffusion.md"), markdown(report))
+
+
+def markdown(report):
+    q, s = report["quality"], report["sampling"]
+    lines = ["| model | test perplexity (fixed subset) | ratio to GPT-2 |", "|---|---|---|"]
+    ar = q["gpt2"]["perplexity"]
+    for name in ("thought_diffusion", "thought_diffusion_with_thought", "no_stack"):
+        lines.append(f"| {name} (ELBO bound) | {q[name]['perplexity']:.1f} | {q[name]['perplexity'] / ar:.2f}x |")
+    lines.append(f"| gpt2 | {ar:.1f} | 1.00x |")
+    lines += ["", "| sampler | steps | forwards | tokens/s | speed vs GPT-2 (paired) | sample ppl under GPT-2 | "
+              "distinct-2 |", "|---|---|---|---|---|---|---|"]
+    for name, r in s.items():
+        lines.append(f"| {name} | {r.get('num_steps', '-')} | {r['forward_passes']:.1f} | {r['tokens_per_s']:.1f} | "
+                     f"{r['speed_ratio_vs_gpt2']:.2f}x | {r['sample_perplexity_under_gpt2']:.1f} | "
+                     f"{r['distinct_2']:.3f} |")
+    c = report["claims"]
+    g = c["gradient_checkpointing"]
+    lines += ["", f"- gradient checkpointing: peak RSS delta {g['peak_delta_mib']:.0f} MiB -> "
+              f"{g['peak_delta_mib_checkpointing']:.0f} MiB per training step (batch {g['batch']})",
+              f"- bf16 autocast vs fp32: training step {c['bf16_training_step']['bf16_autocast']['ratio_to_fp32']:.2f}x"
+              f", forward {c['bf16_forward']['bf16_autocast']['ratio_to_fp32']:.2f}x the fp32 speed",
+              f"- vectorized encoder vs per-slot loop: {c['encoder']['vectorized']['ratio_to_per_slot_loop']:.1f}x "
+              f"faster (max abs diff {c['encoder']['max_abs_diff']:.1e})"]
+    lines += ["", "Targets: " + ", ".join(f"{k}: {'met' if v else 'missed'}" for k, v in report["targets"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tokenizer = gpt2_tokenizer(model_max_length=10**6)
+    max_chars = 60_000 if args.quick else None
+    train_blocks = text_blocks("valid.txt", tokenizer, args.seq_len, max_chars)
+    test_blocks = text_blocks("test.txt", tokenizer, args.seq_len, max_chars)
+    vocab = Vocabulary(tokenizer, train_blocks, test_blocks)
+    train_blocks = vocab.encode(train_blocks)
+    test_blocks = vocab.encode(test_blocks)[:max(args.eval_blocks, args.rounds + 1)]
+    models = build_models(args, vocab)
+    report = {"args": vars(args), "environment": environment(args), "targets_definition": TARGETS,
+              "vocabulary": {"types": vocab.size, "note": Vocabulary.__doc__.split(":")[0]}, "training": {},
+              "quality": {}}
+    for name, model in models.items():
+        report["training"][name] = train(model, train_blocks, args, name)
+    eval_blocks = test_blocks[:args.eval_blocks]
+    report["quality"] = {
+        "thought_diffusion": elbo_perplexity(models["thought_diffusion"], eval_blocks, args),
+        "thought_diffusion_with_thought": elbo_perplexity(models["thought_diffusion"], eval_blocks, args, True),
+        "no_stack": elbo_perplexity(models["no_stack"], eval_blocks, args),
+        "gpt2": ar_perplexity(models["gpt2"], eval_blocks, args)}
+    report["sampling"] = measure_sampling(models, test_blocks, vocab, args)
+    report["claims"] = seed_claims(models["thought_diffusion"], train_blocks, args)
+    ar_ppl = report["quality"]["gpt2"]["perplexity"]
+    best = min(report["quality"][k]["perplexity"] for k in ("thought_diffusion", "thought_diffusion_with_thought"))
+    s16 = report["sampling"].get("td_16_cache")
+    report["targets"] = {"elbo_ppl_ratio": best / ar_ppl <= TARGETS["elbo_ppl_ratio_max"]}
+    if s16:
+        report["targets"]["speed_at_16"] = s16["speed_ratio_vs_gpt2"] >= TARGETS["speed_ratio_min_at_16"]
+        report["targets"]["sample_ppl_at_16"] = (s16["sample_perplexity_under_gpt2"] / report["sampling"]["gpt2"][
+            "sample_perplexity_under_gpt2"] <= TARGETS["sample_ppl_ratio_max_at_16"])
+    write_report(report, args)
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
