@@ -22,7 +22,7 @@ import shutil
 import tempfile
 
 from . import __version__
-from .io_utils import atomic_directory
+from .io_utils import atomic_directory, check_output_directory
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files a checkpoint folder may hold that are pushed (with the code, weights, tokenizer and card).
@@ -170,8 +170,7 @@ def pull(repo_id, out_dir, *, revision=None, overwrite=False, token=None, cache_
     )
 
     validate_repo_id(repo_id)
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not overwrite:
-        raise ValueError(f"{out_dir!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it.")
+    check_output_directory(out_dir, overwrite)  # before any download: a refused output fails at once
     try:
         snapshot = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir)
     except RevisionNotFoundError:
@@ -185,7 +184,7 @@ def pull(repo_id, out_dir, *, revision=None, overwrite=False, token=None, cache_
     kind = _checkpoint_kind(snapshot)
     if kind == "model":
         check_config(_read_json(os.path.join(snapshot, "config.json")))
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         shutil.copytree(snapshot, tmp, dirs_exist_ok=True)  # follows the cache's symlinks: real files
     return out_dir
 

@@ -262,7 +262,7 @@ def test_cli_export_errors(tmp_path, monkeypatch):
     AgencyGPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2).save_pretrained(tmp_path / "no_weights")
     cases = [
         ([str(tmp_path / "gpt2"), str(tmp_path / "o")], "unsupported model type 'gpt2'"),
-        ([str(tmp_path / "model"), str(tmp_path / "full")], "exists and is not empty; pass overwrite"),
+        ([str(tmp_path / "model"), str(tmp_path / "full")], "exists and is not empty; pass --overwrite"),
         ([str(tmp_path / "model"), str(tmp_path / "o"), "--opset", "9"], r"unsupported opset 9; allowed: integers 14"),
         ([str(tmp_path / "no_weights"), str(tmp_path / "o")], "has no weights"),
         ([str(tmp_path / "missing"), str(tmp_path / "o")], "does not exist"),

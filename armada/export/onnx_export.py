@@ -28,7 +28,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..io_utils import atomic_directory
+from ..io_utils import atomic_directory, check_output_directory
 from .onnx_configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_CONFIGS, ONNX_TASKS
 
 FP32_ATOL = 1e-4
@@ -45,12 +45,10 @@ class ExportParityError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------- checks
-def _check_out_dir(out_dir, overwrite):
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"output path {out_dir!r} exists and is not a directory.")
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"output directory {out_dir!r} exists and is not empty; pass overwrite=True "
-                         "(CLI: --overwrite) to replace it.")
+def _check_out_dir(out_dir, overwrite, inputs=()):
+    """Refuse a bad output before any work (armada.io_utils' rules: a non-empty folder only with overwrite, and
+    never the current directory, a folder holding an input, or one that is not armada's own output)."""
+    check_output_directory(out_dir, overwrite, inputs)
 
 
 def _check_opset(opset):
@@ -275,7 +273,7 @@ def export_onnx(
 
     started = time.perf_counter()
     report = {"model_type": model_type, "opset": opset, "source": source, "files": {}}
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=[source] if source else ()) as tmp:
         EXPORTERS[model_type]["export"](model, tmp, opset)
         if source is not None:
             _copy_tokenizer(source, tmp)
