@@ -30,16 +30,19 @@ import math
 import os
 import random
 import statistics
+import sys
 import time
 import warnings
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAMILIES = ("agency", "agency50", "gpt2", "armt")
 KINDS = ("pt", "onnx", "int8")
 MEASURES = ("generate", "forward")
-CONTENDED = 0.10
 TARGETS = {"generate_vs_pt": 2.5, "size_vs_pt": 0.3}  # AgencyGPT2 int8 (both families), + never slower than gpt2 int8
 SIGNIFICANCE = 0.05
 
@@ -137,48 +140,6 @@ def load_ort(name, path, threads):
     return cls.from_pretrained(os.path.dirname(path), file_name=os.path.basename(path), session_options=options)
 
 
-# ----------------------------------------------------------------------------------------------------- timing
-HZ, NCPU = os.sysconf("SC_CLK_TCK"), os.cpu_count()
-
-
-class Clock:
-    """Times calls and the share of the CPUs other processes used meanwhile (from /proc/stat); waits, within a
-    budget, for other processes to go quiet before each sample and re-measures a contended one."""
-
-    def __init__(self, budget):
-        self.budget, self.lost = budget, 0.0
-
-    @staticmethod
-    def snapshot():
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:9]]
-        times = os.times()
-        return time.perf_counter(), (sum(ticks) - ticks[3] - ticks[4]) / HZ, times.user + times.system
-
-    @staticmethod
-    def foreign(a, b):
-        return max(0.0, (b[1] - a[1]) - (b[2] - a[2])) / ((b[0] - a[0]) * NCPU)
-
-    def wait_quiet(self, window=0.25, threshold=0.05):
-        while self.budget > 0:
-            a = self.snapshot()
-            time.sleep(window)
-            self.budget, self.lost = self.budget - window, self.lost + window
-            if self.foreign(a, self.snapshot()) < threshold:
-                return
-
-    def measure(self, fn):
-        while True:
-            self.wait_quiet()
-            a = self.snapshot()
-            fn()
-            b = self.snapshot()
-            seconds, load = b[0] - a[0], self.foreign(a, b)
-            if load <= CONTENDED or self.budget <= 0:
-                return seconds, load
-            self.budget, self.lost = self.budget - seconds, self.lost + seconds
-
-
 def main(argv=None):
     args = parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -224,7 +185,7 @@ def main(argv=None):
                          for kind in ("onnx", "int8")} for name in models}
     print(f"greedy equal to PyTorch: {json.dumps(checks)}", flush=True)
 
-    clock = Clock(args.max_wait)
+    clock = common.LoadMonitor(args.max_wait)
     tokens = {"forward": fwd_ids.numel(), "generate": new_tokens}
     samples = {key: {m: [] for m in MEASURES} for key in variants}
     loads = {key: {m: [] for m in MEASURES} for key in variants}
@@ -255,7 +216,7 @@ def main(argv=None):
             entry[m] = {"median_tokens_per_s": statistics.median(values), "samples": values,
                         "foreign_load": loads[(name, kind)][m], "vs_pt": statistics.median(ratios),
                         "vs_pt_per_round": ratios,
-                        "contended_samples": sum(x > CONTENDED for x in loads[(name, kind)][m])}
+                        "contended_samples": sum(x > common.CONTENDED for x in loads[(name, kind)][m])}
         results.setdefault(name, {})[kind] = entry
 
     targets = []
@@ -284,7 +245,7 @@ def main(argv=None):
         "benchmark": "onnx_speed",
         "environment": {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
-            "cpu_count": NCPU, "threads": args.threads, "instruction_set": cpu_instruction_set(),
+            "cpu_count": os.cpu_count(), "threads": args.threads, "instruction_set": cpu_instruction_set(),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "onnxruntime": onnxruntime.__version__, "optimum": optimum.version.__version__,
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
