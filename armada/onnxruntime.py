@@ -41,12 +41,14 @@ class ORTAgencyGPT2ForCausalLM(ORTModelForCausalLM):
         if any(not isinstance(h, int) for h in self.cache_heads):
             raise ValueError(f"The ONNX graph's past_key_values inputs must declare their head counts; got "
                              f"{self.cache_heads}.")
-        if len(set(self.cache_heads)) > 1 and self.use_io_binding:
+        # A pruned graph may keep the same count in every layer, but fewer than config.num_attention_heads.
+        self.own_empty_cache = any(h != self.config.num_attention_heads for h in self.cache_heads)
+        if self.own_empty_cache and self.use_io_binding:
             self.use_io_binding = False
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=None,
                 **kwargs):
-        if past_key_values is None and self.key_value_input_names and len(set(self.cache_heads)) > 1:
+        if past_key_values is None and self.key_value_input_names and self.own_empty_cache:
             batch, head_dim = input_ids.shape[0], self.embed_size_per_head
             zeros = [torch.zeros(batch, heads, 0, head_dim, dtype=self.dtype) for heads in self.cache_heads]
             if not isinstance(input_ids, torch.Tensor):

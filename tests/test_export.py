@@ -316,3 +316,14 @@ def test_onnx_speed_benchmark_quick(tmp_path):
     assert set(report["results"]["agency"]) == {"pt", "onnx", "int8"}
     assert {t["target"].split(" int8")[0] for t in report["targets"]} == {"agency"}
     assert os.path.isfile(tmp_path / "onnx_speed.png")
+
+
+def test_pruned_to_the_same_head_count_in_every_layer_exports(tmp_path):
+    """Every layer keeps 2 of 4 heads: one count, but not config.n_head, so the empty first-step cache must come
+    from the graph's shapes (the demo's importance-pruned model hit this)."""
+    torch.manual_seed(0)
+    model = AgencyGPT2ForCausalLM(AgencyGPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, vocab_size=256))
+    model.prune_heads({0: [0, 1], 1: [2, 3]})
+    model.save_pretrained(tmp_path / "m")
+    report = export_onnx(str(tmp_path / "m"), str(tmp_path / "o"), sample_ids=torch.randint(0, 256, (64,)))
+    assert report["fp32"]["max_abs_logit_diff"] <= 1e-4
