@@ -9,6 +9,9 @@
 - `ORTUnifiedARMTForCausalLM`: streams input of any length through the exported segment step, carrying the
   associative memory and the open segment's cache between calls, and generates across segment boundaries with
   `GenerationMixin.generate` (greedy decoding and sampling, as the PyTorch model).
+- `ORTThoughtDiffusionForMaskedLM`: the exported denoising step driven by `ThoughtDiffusionForMaskedLM`'s own sampler
+  (`generate_with_stack`, `generate`: blocks, remasking, threshold decoding, the block KV cache, the thought stack),
+  so the two give the same tokens.
 """
 
 from dataclasses import dataclass
@@ -17,13 +20,24 @@ from typing import Optional
 import numpy as np
 import torch
 from optimum.onnxruntime import ORTModel, ORTModelForCausalLM
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, GenerationConfig, GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 
 import armada  # noqa: F401  (registers the configurations with AutoConfig)
-from armada import UnifiedARMTForCausalLM
+from armada import ThoughtDiffusionForMaskedLM, UnifiedARMTForCausalLM
+from armada.modeling.modeling_thought_diffusion import (
+    ThoughtDiffusionBlockCache,
+    ThoughtDiffusionMaskedLMOutput,
+    ThoughtStack,
+    time_for_mask_rate,
+)
 
-from .export.onnx_configs import armt_state_names, armt_state_shapes
+from .export.onnx_configs import (
+    armt_state_names,
+    armt_state_shapes,
+    diffusion_cache_names,
+    diffusion_stack_names,
+)
 
 
 class ORTAgencyGPT2ForCausalLM(ORTModelForCausalLM):
@@ -180,4 +194,103 @@ class ORTUnifiedARMTForCausalLM(ORTModel, GenerationMixin):
         return super().generate(*args, generation_config=generation_config, **kwargs)
 
 
-__all__ = ["ORTAgencyGPT2ForCausalLM", "ORTUnifiedARMTForCausalLM", "ORTUnifiedARMTState"]
+# ----------------------------------------------------------------------------------------------------- ThoughtDiffusion
+def _numpy(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+class ORTThoughtDiffusionForMaskedLM(ORTModel):
+    """ThoughtDiffusion on ONNX Runtime: `forward` runs the exported denoising step (tokens, t, thought stack, block
+    cache -> SUBS logits, new thought, pushed stack, extended cache); `generate_with_stack` and `generate` are
+    `ThoughtDiffusionForMaskedLM`'s, with its one model call (`_denoise_step`) going to the graph. Stack and cache
+    are the PyTorch classes (`ThoughtStack`, `ThoughtDiffusionBlockCache`) holding CPU tensors."""
+
+    auto_model_class = AutoModelForMaskedLM
+    main_input_name = "input_ids"
+
+    def __init__(self, *, config=None, session=None, use_io_binding=None, generation_config=None,
+                 model_save_dir=None):
+        super().__init__(config=config, session=session, use_io_binding=False, model_save_dir=model_save_dir)
+        self.stack_names = diffusion_stack_names(config)
+        self.cache_names = diffusion_cache_names(config)
+        expected = ["input_ids", "attention_mask", "position_ids", "block_ids", "timesteps", *self.cache_names,
+                    *self.stack_names]
+        if self.input_names and list(self.input_names) != expected:
+            raise ValueError(f"{session._model_path} is not a ThoughtDiffusion denoising step exported by armada: its "
+                             f"inputs are {list(self.input_names)[:6]}..., expected {expected[:6]}...")
+        self.generation_config = generation_config or GenerationConfig.from_model_config(config)
+
+    def can_generate(self):
+        return True
+
+    def _empty_cache(self, batch):
+        cfg = self.config
+        shape = (batch, cfg.num_attention_heads, 0, cfg.hidden_size // cfg.num_attention_heads)
+        layers = [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
+        return ThoughtDiffusionBlockCache(layers, list(layers), torch.zeros(batch, 0, dtype=torch.bool))
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, block_ids=None, timesteps=None,
+                thought_stack=None, past_key_values=None, use_cache=None, **kwargs):
+        """As `ThoughtDiffusionForMaskedLM.forward` without labels: one denoising call. Defaults as there
+        (positions counting real tokens, blocks of config.block_length, t from the fraction of [MASK], an empty
+        stack, no cache)."""
+        cfg = self.config
+        ids = torch.as_tensor(input_ids)
+        batch, length = ids.shape
+        if length == 0:
+            raise ValueError("the input has no tokens (sequence length 0)")
+        if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, vocab_size={cfg.vocab_size}), got values in "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long()
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        if block_ids is None:
+            block_ids = (torch.as_tensor(position_ids) // cfg.block_length if cfg.block_length is not None
+                         else torch.zeros_like(ids))
+        if timesteps is None:
+            valid = mask.bool()
+            rate = ((ids == cfg.mask_token_id) & valid).sum(1) / valid.sum(1).clamp_min(1)
+            timesteps = time_for_mask_rate(rate.float(), cfg.noise_schedule).clamp_min(cfg.sampling_eps)
+        cache = past_key_values if past_key_values is not None else self._empty_cache(batch)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "block_ids": block_ids,
+                "timesteps": torch.as_tensor(timesteps, dtype=torch.float32).expand(batch),
+                "past_mask": cache.mask.bool(), **{f"past_key.{i}": k for i, k in enumerate(cache.keys)},
+                **{f"past_value.{i}": v for i, v in enumerate(cache.values)}}
+        if self.stack_names:
+            stack = thought_stack if thought_stack is not None else ThoughtStack.empty(cfg, batch)
+            feed.update(thought_buffer=stack.buffer.float(), thought_head=stack.head, thought_count=stack.count)
+        feed = {name: _numpy(value) for name, value in feed.items()}
+        feed["input_ids"], feed["position_ids"], feed["block_ids"] = (
+            feed[name].astype(np.int64) for name in ("input_ids", "position_ids", "block_ids"))
+        feed["attention_mask"] = feed["attention_mask"].astype(np.int64)
+        out = dict(zip(self.output_names, (torch.from_numpy(o) for o in self.session.run(None, feed))))
+        n = cfg.num_hidden_layers
+        stack = new_thought = None
+        if self.stack_names:
+            new_thought = out["new_thought"]
+            stack = ThoughtStack(out["present_thought_buffer"], out["present_thought_head"],
+                                 out["present_thought_count"])
+        present = ThoughtDiffusionBlockCache([out[f"present_key.{i}"] for i in range(n)],
+                                             [out[f"present_value.{i}"] for i in range(n)], out["present_mask"])
+        return ThoughtDiffusionMaskedLMOutput(logits=out["logits"], new_thought=new_thought, thought_stack=stack,
+                                              past_key_values=present if use_cache else None)
+
+    def _denoise_step(self, input_ids, attention_mask, position_ids, block_ids, timesteps, thought_stack,
+                      past_key_values, use_cache, keep):
+        out = self.forward(input_ids, attention_mask, position_ids, block_ids, timesteps, thought_stack,
+                           past_key_values, use_cache=use_cache)
+        return out.logits[:, keep], out.thought_stack, out.past_key_values
+
+    # ------------------------------------------------------------------ sampling: the PyTorch model's own code
+    generate_with_stack = ThoughtDiffusionForMaskedLM.generate_with_stack
+    generate = ThoughtDiffusionForMaskedLM.generate
+    _check_sampling = ThoughtDiffusionForMaskedLM._check_sampling
+    _propose = staticmethod(ThoughtDiffusionForMaskedLM._propose)
+    _select = ThoughtDiffusionForMaskedLM._select
+
+
+__all__ = ["ORTAgencyGPT2ForCausalLM", "ORTUnifiedARMTForCausalLM", "ORTUnifiedARMTState",
+           "ORTThoughtDiffusionForMaskedLM"]

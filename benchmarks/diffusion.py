@@ -21,18 +21,16 @@ wikitext-2 text:
             per-slot Python loop (paired rounds; outputs checked equal)
 
 Writes diffusion.json, diffusion.png and diffusion.md to --out (default outputs/diffusion; an existing report is
-refused unless --overwrite; benchmarks/results/diffusion only with --write-results).
+refused unless --overwrite; benchmarks/results/diffusion only with --update-committed-results). Exits non-zero
+when a target is missed (quick mode: never, its budget is not meant to meet them).
 
     python benchmarks/diffusion.py                        # full run (~30-40 min on 2 shared cores)
     python benchmarks/diffusion.py --quick --out /tmp/d   # tiny budget, smoke test (about a minute)
 """
 
 import argparse
-import datetime
-import json
 import math
 import os
-import platform
 import random
 import statistics
 import sys
@@ -40,15 +38,16 @@ import time
 
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from armada import ThoughtDiffusionConfig, ThoughtDiffusionForMaskedLM, ThoughtStack
 from armada.evaluation import lexical_diversity, peak_memory
-from armada.io_utils import atomic_savefig, atomic_write_text
 from armada.tokenization import gpt2_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import common  # noqa: E402
+
+REPO = common.REPO
 DATA = os.path.join(REPO, "..", "shared", "data", "wikitext-2")
 TARGETS = {"elbo_ppl_ratio_max": 1.3, "speed_ratio_min_at_16": 1.5, "sample_ppl_ratio_max_at_16": 1.5}
 THRESHOLD = 0.9
@@ -57,11 +56,7 @@ PROMPT_TOKENS = 32
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budget for a smoke test")
-    parser.add_argument("--out", default=os.path.join(REPO, "outputs", "diffusion"))
-    parser.add_argument("--write-results", action="store_true",
-                        help="write to benchmarks/results/diffusion instead of --out")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing report in the output folder")
+    common.add_common_args(parser, "diffusion")
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per model (default 500)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -76,8 +71,6 @@ def parse_args(argv=None):
     parser.add_argument("--steps-list", default=None, help="denoising steps to time (default 8,16,32,64)")
     parser.add_argument("--rounds", type=int, default=None, help="timed sampling rounds (default 8)")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = dict(train_steps=(2, 500), eval_blocks=(2, 48), elbo_t=(2, 8), new_tokens=(16, 128),
@@ -88,8 +81,8 @@ def parse_args(argv=None):
     if quick:
         args.hidden, args.layers, args.heads, args.seq_len, args.batch_size = 32, 2, 2, 64, 2
     args.steps_list = [int(s) for s in args.steps_list.split(",")]
-    if args.write_results:
-        args.out = os.path.join(REPO, "benchmarks", "results", "diffusion")
+    if args.update_committed_results and args.out is None:
+        args.out = os.path.join(common.COMMITTED_RESULTS, "diffusion")
     for name in ("train_steps", "eval_blocks", "elbo_t", "new_tokens", "rounds", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -100,8 +93,7 @@ def parse_args(argv=None):
                      f"{args.steps_list}")
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
-    if os.path.exists(os.path.join(args.out, "diffusion.json")) and not args.overwrite:
-        parser.error(f"{args.out}/diffusion.json exists; pass --overwrite to replace it")
+    args.out = common.output_dir(args, "diffusion")
     return args
 
 
@@ -404,21 +396,13 @@ def seed_claims(model, blocks, args):
 
 # ------------------------------------------------------------------------------------------------ report
 def environment(args):
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "cpu": platform.processor() or platform.machine(), "threads": args.threads,
-            "load_average_at_start": os.getloadavg(),
-            "note": "shared machine (several jobs on 2 cores): absolute speeds vary; ratios are paired per round"}
+    return {**common.environment(args.threads), "load_average_at_start": os.getloadavg(),
+            "note": "absolute speeds depend on the machine's load; speed ratios are paired per round"}
 
 
 def write_report(report, args):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    os.makedirs(args.out, exist_ok=True)
-    atomic_write_text(os.path.join(args.out, "diffusion.json"), json.dumps(report, indent=2))
+    plt = common.pyplot()
+    paths = common.write_report(args.out, "diffusion", report, markdown(report))
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for name, run in report["training"].items():
         curve = run["curve"]
@@ -444,8 +428,7 @@ def write_report(report, args):
                 title="sample quality")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    atomic_savefig(fig, os.path.join(args.out, "diffusion.png"), dpi=110)
-    atomic_write_text(os.path.join(args.out, "diffusion.md"), markdown(report))
+    common.print_written(paths + [common.save_figure(fig, args.out, "diffusion.png")])
 
 
 def markdown(report):
@@ -510,5 +493,12 @@ def main(argv=None):
     return report
 
 
+def exit_status(report) -> int:
+    """Non-zero when a target is missed (never in quick mode)."""
+    checks = [{"name": name, "pass": None if report["args"]["quick"] else met}
+              for name, met in report["targets"].items()]
+    return common.report_checks(checks)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

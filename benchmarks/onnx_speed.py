@@ -8,6 +8,10 @@ Families (random-init weights, seeded: speed and size do not depend on the weigh
               quantized with the same ORTQuantizer config: the peer
   armt        UnifiedARMT at the size of benchmarks/armt_scaling.py (256 wide, 4 layers, 4 heads, segment 512,
               16 memory tokens, GPT-2 vocabulary)
+  diffusion   ThoughtDiffusion at the size of benchmarks/diffusion.py (128 wide, 4 layers, 4 heads, blocks of 16,
+              thought stack 8) with the GPT-2 vocabulary + [MASK]; its `generate` is greedy `generate_with_stack`
+              with 16 denoising steps for the 64 new tokens (block KV cache), its forward one denoising call on
+              inputs with half of the tokens masked
 Each family runs as pt (PyTorch fp32, eval, inference_mode), onnx (fp32) and int8 (dynamic int8, ORTQuantizer with
 the config for this CPU). Measured:
   generate  tokens/s (new tokens / wall time of generate(), prefill included), batch 1, 32-token prompt, 64 greedy
@@ -20,7 +24,9 @@ other processes used while it ran (the machine may be shared); the load average 
 
     python benchmarks/onnx_speed.py                          # full run -> outputs/onnx_speed
     python benchmarks/onnx_speed.py --quick --out /tmp/o     # tiny models, smoke test
-    python benchmarks/onnx_speed.py --write-results          # -> benchmarks/results (the committed record)
+    python benchmarks/onnx_speed.py --update-committed-results   # -> benchmarks/results/onnx_speed (the record)
+
+The exported models go to a temporary folder, removed at the end (`--keep-models DIR` keeps them there).
 """
 
 import argparse
@@ -29,8 +35,10 @@ import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 
@@ -40,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("agency", "agency50", "gpt2", "armt")
+FAMILIES = ("agency", "agency50", "gpt2", "armt", "diffusion")
 KINDS = ("pt", "onnx", "int8")
 MEASURES = ("generate", "forward")
 TARGETS = {"generate_vs_pt": 2.5, "size_vs_pt": 0.3}  # AgencyGPT2 int8 (both families), + never slower than gpt2 int8
@@ -49,20 +57,18 @@ SIGNIFICANCE = 0.05
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny models, 2 rounds (smoke test)")
-    p.add_argument("--out", default=os.path.join(REPO, "outputs", "onnx_speed"))
-    p.add_argument("--write-results", action="store_true",
-                   help="write to benchmarks/results (the committed record) instead of --out")
+    common.add_common_args(p, "onnx_speed")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10, quick 2)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--keep-models", default=None, metavar="DIR", help="export the models into DIR and keep them")
     p.add_argument("--max-wait", type=float, default=None,
                    help="seconds the run may spend waiting for other processes' load to drop (default 120)")
     p.add_argument("--per-channel", action="store_true", help="per-channel int8 weight scales")
-    p.add_argument("--families", default=",".join(FAMILIES))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--families", default="agency,agency50,gpt2,armt,diffusion",
+                   help=f"comma-separated, from {', '.join(FAMILIES)}")
     args = p.parse_args(argv)
-    if args.write_results:
-        args.out = os.path.join(REPO, "benchmarks", "results")
+    if args.update_committed_results and args.out is None:
+        args.out = os.path.join(common.COMMITTED_RESULTS, "onnx_speed")
+    args.out = common.output_dir(args, "onnx_speed")
     args.rounds = args.rounds or (2 if args.quick else 10)
     args.max_wait = args.max_wait if args.max_wait is not None else (5.0 if args.quick else 120.0)
     args.families = [f for f in args.families.split(",") if f]
@@ -76,7 +82,13 @@ def parse_args(argv=None):
 def build_pytorch(args):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from armada import AgencyGPT2ForCausalLM, UnifiedARMTConfig, UnifiedARMTForCausalLM
+    from armada import (
+        AgencyGPT2ForCausalLM,
+        ThoughtDiffusionConfig,
+        ThoughtDiffusionForMaskedLM,
+        UnifiedARMTConfig,
+        UnifiedARMTForCausalLM,
+    )
     from armada.pruning import score_heads, select_heads
 
     torch.manual_seed(args.seed)
@@ -84,16 +96,24 @@ def build_pytorch(args):
         gpt2_config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=256)
         armt_config = UnifiedARMTConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                         segment_size=128, num_memory_tokens=8)
+        diffusion_config = ThoughtDiffusionConfig(vocab_size=1001, mask_token_id=1000, hidden_size=32,
+                                                  num_hidden_layers=2, num_attention_heads=2, block_length=8,
+                                                  thought_stack_size=4, max_position_embeddings=128)
     else:
         gpt2_config = GPT2Config()  # GPT-2 124M
         armt_config = UnifiedARMTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                         segment_size=512, num_memory_tokens=16)
+        diffusion_config = ThoughtDiffusionConfig(vocab_size=50258, mask_token_id=50257, hidden_size=128,
+                                                  num_hidden_layers=4, num_attention_heads=4, block_length=16,
+                                                  thought_stack_size=8, max_position_embeddings=512)
     gpt2 = GPT2LMHeadModel(gpt2_config).eval()
     models = {"gpt2": gpt2, "agency": AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()}
     agency50 = AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()
     agency50.prune_heads(select_heads(score_heads(agency50, "magnitude"), 0.5))
     models["agency50"] = agency50
     models["armt"] = UnifiedARMTForCausalLM(armt_config).eval()
+    if "diffusion" in args.families:
+        models["diffusion"] = ThoughtDiffusionForMaskedLM(diffusion_config).eval()
     return {name: model for name, model in models.items() if name in args.families}
 
 
@@ -129,14 +149,18 @@ def load_ort(name, path, threads):
     import onnxruntime as ort
     from optimum.onnxruntime import ORTModelForCausalLM
 
-    from armada.onnxruntime import ORTAgencyGPT2ForCausalLM, ORTUnifiedARMTForCausalLM
+    from armada.onnxruntime import (
+        ORTAgencyGPT2ForCausalLM,
+        ORTThoughtDiffusionForMaskedLM,
+        ORTUnifiedARMTForCausalLM,
+    )
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     cls = {"gpt2": ORTModelForCausalLM, "agency": ORTModelForCausalLM, "agency50": ORTAgencyGPT2ForCausalLM,
-           "armt": ORTUnifiedARMTForCausalLM}[name]
+           "armt": ORTUnifiedARMTForCausalLM, "diffusion": ORTThoughtDiffusionForMaskedLM}[name]
     return cls.from_pretrained(os.path.dirname(path), file_name=os.path.basename(path), session_options=options)
 
 
@@ -146,6 +170,17 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     load_before = os.getloadavg()
+    models = build_pytorch(args)
+    work = args.keep_models or tempfile.mkdtemp(prefix="onnx_speed_models-")
+    try:
+        return measure(args, models, work, started, load_before)
+    finally:
+        if not args.keep_models:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args, models, work, started, load_before):
+    """Export, check greedy outputs, time the interleaved rounds, write the report; returns the exit status."""
     import onnxruntime
     import optimum.version
     import transformers
@@ -154,8 +189,6 @@ def main(argv=None):
     from armada.export import cpu_instruction_set
     from armada.io_utils import atomic_savefig, atomic_write_text
 
-    models = build_pytorch(args)
-    work = os.path.join(args.out, "onnx_speed_models")
     files, reports = export_all(models, work, args)
     variants = {}
     for name, model in models.items():
@@ -163,21 +196,28 @@ def main(argv=None):
         for kind in ("onnx", "int8"):
             variants[(name, kind)] = load_ort(name, files[name][kind], args.threads)
 
-    vocab = models[next(iter(models))].config.vocab_size
+    vocab = 1000 if args.quick else 50257  # every family's vocabulary starts with these ids
     gen = torch.Generator().manual_seed(args.seed)
     fwd_batch, fwd_len, prompt_len, new_tokens = (2, 64, 8, 8) if args.quick else (4, 256, 32, 64)
     fwd_ids = torch.randint(0, vocab, (fwd_batch, fwd_len), generator=gen)
+    masked_ids = fwd_ids.masked_fill(torch.rand(fwd_ids.shape, generator=gen) < 0.5, vocab)  # diffusion's [MASK]
     prompt = torch.randint(0, vocab, (1, prompt_len), generator=gen)
     gen_kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=new_tokens,
                       min_new_tokens=new_tokens, pad_token_id=0)
+    denoising_steps = new_tokens // 4
 
     def run_forward(key):
         model = variants[key]
         if key[0] == "armt":
             return model(fwd_ids)
+        if key[0] == "diffusion":
+            return model(input_ids=masked_ids)
         return model(input_ids=fwd_ids, attention_mask=torch.ones_like(fwd_ids), use_cache=False)
 
     def run_generate(key):
+        if key[0] == "diffusion":
+            return variants[key].generate_with_stack(prompt, max_new_tokens=new_tokens, num_steps=denoising_steps,
+                                                     top_k=1).sequences
         return variants[key].generate(prompt, **gen_kwargs)
 
     with torch.inference_mode():  # greedy outputs of ONNX fp32 against PyTorch (random weights: ties are rare)
@@ -256,7 +296,8 @@ def main(argv=None):
         },
         "config": {"quick": args.quick, "seed": args.seed, "rounds": args.rounds, "weights": "random init (seeded)",
                    "forward": {"batch": fwd_batch, "seq_len": fwd_len, "use_cache": False},
-                   "generate": {"batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "greedy": True},
+                   "generate": {"batch": 1, "prompt_len": prompt_len, "new_tokens": new_tokens, "greedy": True,
+                                "diffusion_denoising_steps": denoising_steps},
                    "int8": {"per_channel": args.per_channel, "mode": "dynamic"},
                    "ort_session": {"intra_op_num_threads": args.threads, "inter_op_num_threads": 1,
                                    "graph_optimization_level": "ORT_ENABLE_ALL"},
@@ -273,14 +314,15 @@ def main(argv=None):
     atomic_write_text(os.path.join(args.out, "onnx_speed.json"), json.dumps(report, indent=2) + "\n")
     atomic_write_text(os.path.join(args.out, "onnx_speed.md"), table)
     plot(report, os.path.join(args.out, "onnx_speed.png"), atomic_savefig)
-    print(f"wrote {args.out}/onnx_speed.{{json,md,png}} (models in {work})")
+    print(f"wrote {args.out}/onnx_speed.{{json,md,png}}" + (f" (models in {work})" if args.keep_models else ""))
     if args.quick:  # tiny models say nothing about the speed targets: only the correctness checks count
         return 0 if all(all(kinds.values()) for kinds in checks.values()) else 1
     return 0 if report["all_targets_pass"] else 1
 
 
 LABELS = {"agency": "AgencyGPT2 124M", "agency50": "AgencyGPT2 124M, 50% heads pruned",
-          "gpt2": "GPT2LMHeadModel 124M (optimum)", "armt": "UnifiedARMT (256x4, segment 512)"}
+          "gpt2": "GPT2LMHeadModel 124M (optimum)", "armt": "UnifiedARMT (256x4, segment 512)",
+          "diffusion": "ThoughtDiffusion (128x4, block 16, 16 steps)"}
 
 
 def markdown_table(report):

@@ -267,7 +267,8 @@ class ThoughtStackEncoder(nn.Module):
         slots, valid = stack.read()  # (N, S, *dims), (N, S)
         x = self.input_proj(slots.flatten(2).to(dtype)) + self.temporal.weight.to(dtype)  # (N, S, D)
         # every query may attend to itself, so rows with empty slots stay finite (their outputs are masked later)
-        allowed = valid[:, None, None, :] | torch.eye(x.shape[1], dtype=torch.bool, device=x.device)[None, None]
+        slot = torch.arange(x.shape[1], device=x.device)
+        allowed = valid[:, None, None, :] | (slot[:, None] == slot[None, :])[None, None]
         x = x + self.attn(self.ln_1(x), _additive(allowed, dtype))[0]
         x = x + self.mlp(self.ln_2(x))
         pooled = self.pooling(x, valid)
@@ -508,7 +509,8 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         if self.config.block_length is not None:
             bq, bk = blocks[:, :, None], blocks[:, None, :]
             nq, nk = noisy_stream[:, :, None], noisy_stream[:, None, :]
-            allowed = allowed & torch.where(nk, nq & (bk == bq), (bk < bq) | (~nq & (bk == bq)))
+            same = bk == bq  # boolean algebra, not torch.where: ONNX Runtime has no Where kernel for booleans
+            allowed = allowed & ((nk & nq & same) | (~nk & ((bk < bq) | (~nq & same))))
         if past_mask is not None:
             allowed = torch.cat([past_mask[:, None, :].expand(-1, blocks.shape[1], -1), allowed], dim=-1)
         return _additive(allowed.unsqueeze(1), dtype)
@@ -587,7 +589,7 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         if cfg.thought_stack_size:
             if thought_stack is None:
                 thought_stack = ThoughtStack.empty(cfg, batch, input_ids.device)
-            if thought_stack.batch_size % batch:
+            if not torch.jit.is_tracing() and thought_stack.batch_size % batch:  # (a shape check, not traced)
                 raise ValueError(f"thought_stack holds {thought_stack.batch_size} rows, not a multiple of the batch "
                                  f"size {batch}")
             memory, memory_mask, num_groups = self._encode_stack(thought_stack, x["groups"], batch, dtype)
@@ -909,6 +911,17 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
             commit = commit | (masked & (confidence >= threshold))
         return commit
 
+    def _denoise_step(self, input_ids, attention_mask, position_ids, block_ids, timesteps, thought_stack,
+                      past_key_values, use_cache, keep):
+        """The sampler's model call: SUBS logits of the positions `keep` (a slice: the block being denoised; the
+        head runs on those only), the new thought stack and the cache (None without `use_cache`). The ONNX Runtime
+        class (armada.onnxruntime) replaces this method and reuses the rest of the sampler."""
+        out = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               block_ids=block_ids, timesteps=timesteps, thought_stack=thought_stack,
+                               past_key_values=past_key_values, use_cache=use_cache, return_dict=True)
+        logits = self.subs_logits(out.last_hidden_state[:, keep], input_ids[:, keep])
+        return logits, out.thought_stack, out.past_key_values
+
     @torch.no_grad()
     def generate_with_stack(self, prompt_ids=None, max_new_tokens=32, num_steps=None, temperature=1.0, top_k=None,
                             top_p=None, remasking="low_confidence", block_length=None, confidence_threshold=None,
@@ -927,7 +940,7 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
         `ThoughtDiffusionGenerateOutput`.
         """
         cfg = self.config
-        device = self.lm_head.weight.device
+        device = self.device
         if prompt_ids is None:
             prompt_ids = torch.empty(batch_size, 0, dtype=torch.long, device=device)
         prompt_ids = prompt_ids.to(device)
@@ -967,16 +980,12 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
                     start = (cache.length if cache is not None else 0) if use_block_cache else 0
                     end = hi if cfg.block_length is not None else canvas.shape[1]
                     rate = masked.float().mean(-1)
-                    out = self.transformer(
-                        canvas[:, start:end], attention_mask=valid[:, start:end],
-                        position_ids=positions[:, start:end], block_ids=blocks[:, start:end],
-                        timesteps=time_for_mask_rate(rate, cfg.noise_schedule).clamp_min(cfg.sampling_eps),
-                        thought_stack=stack, past_key_values=cache, use_cache=use_block_cache, return_dict=True)
-                    # the head runs on the block being denoised only
-                    logits = self.subs_logits(out.last_hidden_state[:, lo - start:hi - start], canvas[:, lo:hi])
-                    stack = out.thought_stack
+                    logits, stack, cache = self._denoise_step(
+                        canvas[:, start:end], valid[:, start:end], positions[:, start:end], blocks[:, start:end],
+                        time_for_mask_rate(rate, cfg.noise_schedule).clamp_min(cfg.sampling_eps), stack, cache,
+                        use_block_cache, slice(lo - start, hi - start))
                     if use_block_cache:
-                        cache = out.past_key_values.crop(lo)  # the prompt and finished blocks are clean now
+                        cache = cache.crop(lo)  # the prompt and finished blocks are clean now
                     forward_passes += 1
                 proposal, confidence = self._propose(logits, temperature, top_k, top_p, generator)
                 commit = self._select(confidence, masked, step, steps, remasking, confidence_threshold, generator)

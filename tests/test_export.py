@@ -14,7 +14,15 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import armada  # noqa: F401
-from armada import AgencyGPT2Config, AgencyGPT2ForCausalLM, UnifiedARMTConfig, UnifiedARMTForCausalLM
+from armada import (
+    AgencyGPT2Config,
+    AgencyGPT2ForCausalLM,
+    ThoughtDiffusionConfig,
+    ThoughtDiffusionForMaskedLM,
+    ThoughtStack,
+    UnifiedARMTConfig,
+    UnifiedARMTForCausalLM,
+)
 
 pytest.importorskip("optimum.onnxruntime")
 
@@ -23,7 +31,11 @@ from optimum.onnxruntime import ORTModelForCausalLM  # noqa: E402
 
 from armada.cli import main  # noqa: E402
 from armada.export import ExportParityError, cpu_instruction_set, export_onnx, onnx_export  # noqa: E402
-from armada.onnxruntime import ORTAgencyGPT2ForCausalLM, ORTUnifiedARMTForCausalLM  # noqa: E402
+from armada.onnxruntime import (  # noqa: E402
+    ORTAgencyGPT2ForCausalLM,
+    ORTThoughtDiffusionForMaskedLM,
+    ORTUnifiedARMTForCausalLM,
+)
 
 VOCAB = 97
 
@@ -52,6 +64,14 @@ def armt(seed=0):
     return model
 
 
+def diffusion(seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                  max_position_embeddings=64, mask_token_id=VOCAB - 1, thought_dims=(4, 4), thought_stack_size=3,
+                  block_length=8, initializer_range=0.3)
+    return ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**{**config, **overrides})).eval()
+
+
 def prompt(length=7, batch=1, seed=1):
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -76,6 +96,15 @@ def armt_export(tmp_path_factory):
     root = tmp_path_factory.mktemp("armt")
     model = armt()
     report = export_onnx(model, root / "onnx", quantize="int8")
+    return model, root / "onnx", report
+
+
+@pytest.fixture(scope="module")
+def diffusion_export(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusion")
+    model = diffusion()
+    model.save_pretrained(root / "model")
+    report = export_onnx(root / "model", root / "onnx", quantize="int8")  # from a directory: AutoModelForMaskedLM
     return model, root / "onnx", report
 
 
@@ -177,6 +206,69 @@ def test_armt_streaming_and_padding_match_pytorch(armt_export):
     assert (got - padded)[mask.bool()].abs().max() <= 1e-4
 
 
+# ----------------------------------------------------------------------------------------------------- ThoughtDiffusion
+def test_diffusion_export_fp32_and_int8_with_parity(diffusion_export):
+    _, out, report = diffusion_export
+    assert report["model_type"] == "thought_diffusion"
+    assert report["fp32"]["pass"] and report["fp32"]["max_abs_logit_diff"] <= 1e-4
+    assert {"model.onnx", "model_quantized.onnx", "config.json"} <= set(os.listdir(out))
+    assert report["int8"]["scored_positions"] > 100 and not report["int8"]["enforced"]
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_k=1), dict(top_k=1, use_block_cache=False),
+                                    dict(temperature=0.8, confidence_threshold=0.5),
+                                    dict(temperature=1.0, remasking="random", top_p=0.9)],
+                         ids=["greedy-cache", "greedy-recompute", "sampled-threshold", "sampled-random"])
+def test_diffusion_ort_generate_with_stack_matches_pytorch(diffusion_export, kwargs):
+    model, out, _ = diffusion_export
+    ort_model = ORTThoughtDiffusionForMaskedLM.from_pretrained(out)
+    ids = prompt(length=6, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding
+    runs = []
+    for m in (model, ort_model):
+        runs.append(m.generate_with_stack(ids, attention_mask=mask, max_new_tokens=16, num_steps=8,
+                                          generator=torch.Generator().manual_seed(5), return_history=True, **kwargs))
+    expected, got = runs
+    assert len(set(expected.sequences[0, 6:].tolist())) > 3  # not a degenerate repetition
+    assert torch.equal(got.sequences, expected.sequences)
+    assert (got.thought_stack.buffer - expected.thought_stack.buffer).abs().max() <= 1e-4
+    assert torch.equal(got.thought_stack.count, expected.thought_stack.count)
+    assert got.num_forward_passes == expected.num_forward_passes and len(got.history) == len(expected.history)
+
+
+def test_diffusion_ort_forward_and_generate(diffusion_export):
+    model, out, _ = diffusion_export
+    ort_model = ORTThoughtDiffusionForMaskedLM.from_pretrained(out)
+    ids = prompt(length=12, batch=3).masked_fill(torch.rand(3, 12, generator=torch.Generator().manual_seed(0)) < 0.5,
+                                                  VOCAB - 1)
+    stack = ThoughtStack.empty(model.config, 3).push(torch.rand(3, 4, 4) - 0.5)
+    with torch.no_grad():
+        expected = model(ids, thought_stack=stack)
+    got = ort_model(ids, thought_stack=stack)
+    real = expected.logits > -1e30
+    assert (got.logits - expected.logits)[real].abs().max() <= 1e-4
+    assert (got.new_thought - expected.new_thought).abs().max() <= 1e-4
+    assert torch.equal(ort_model.generate(ids[:1, :5], max_new_tokens=8), model.generate(ids[:1, :5], max_new_tokens=8))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, vocab_size=97\)"):
+        ort_model(torch.tensor([[1, VOCAB]]))
+    with pytest.raises(ValueError, match="num_steps must be"):
+        ort_model.generate_with_stack(ids[:1, :5], max_new_tokens=8, num_steps=0)
+
+
+@pytest.mark.parametrize("overrides", [dict(thought_stack_size=0), dict(block_length=None)],
+                         ids=["no-stack", "full-attention"])
+def test_diffusion_variants_export(tmp_path, overrides):
+    model = diffusion(**overrides)
+    report = export_onnx(model, tmp_path / "onnx")
+    assert report["fp32"]["pass"]
+    ort_model = ORTThoughtDiffusionForMaskedLM.from_pretrained(tmp_path / "onnx")
+    ids = prompt(length=5)
+    kwargs = dict(max_new_tokens=16, num_steps=8, top_k=1)
+    assert torch.equal(ort_model.generate_with_stack(ids, **kwargs).sequences,
+                       model.generate_with_stack(ids, **kwargs).sequences)
+
+
 # ----------------------------------------------------------------------------------------------------- int8 check
 @pytest.fixture(scope="module")
 def trained_agency():
@@ -215,7 +307,7 @@ def test_failed_parity_leaves_nothing_behind(monkeypatch, tmp_path, trained_agen
 
 
 # ----------------------------------------------------------------------------------------------------- without armada
-def test_onnxruntime_alone_runs_the_exported_files(agency_export, armt_export):
+def test_onnxruntime_alone_runs_the_exported_files(agency_export, armt_export, diffusion_export):
     """A fresh interpreter with onnxruntime and numpy only builds inputs from each graph's declared inputs."""
     script = textwrap.dedent("""
         import sys
@@ -228,7 +320,7 @@ def test_onnxruntime_alone_runs_the_exported_files(agency_export, armt_export):
                 shape = [d if isinstance(d, int) else (0 if "past" in d and "+" not in d else 3) for d in spec.shape]
                 if spec.name == "lengths":
                     shape = [3]
-                if spec.type == "tensor(bool)":  # UnifiedARMT's `commit` branch flag
+                if spec.type == "tensor(bool)":  # UnifiedARMT's `commit` flag, ThoughtDiffusion's `past_mask`
                     feed[spec.name] = np.zeros(shape, bool)
                 elif spec.type == "tensor(int64)":
                     feed[spec.name] = np.full(shape, 3 if spec.name == "lengths" else 1, np.int64)
@@ -240,7 +332,7 @@ def test_onnxruntime_alone_runs_the_exported_files(agency_export, armt_export):
         print("ok")
     """)
     files = [str(agency_export[1] / name) for name in ("model.onnx", "model_quantized.onnx")]
-    files += [str(armt_export[1] / "model.onnx")]
+    files += [str(armt_export[1] / "model.onnx"), str(diffusion_export[1] / "model_quantized.onnx")]
     result = subprocess.run([sys.executable, "-c", script, *files], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 

@@ -15,11 +15,13 @@ from .onnx_configs import (
     MIN_OPSET,
     ONNX_CONFIGS,
     AgencyGPT2OnnxConfig,
+    ThoughtDiffusionOnnxConfig,
     UnifiedARMTOnnxConfig,
 )
 from .onnx_export import ExportParityError, cpu_instruction_set, export_onnx, quantization_config
 
 __all__ = [
     "export_onnx", "ExportParityError", "cpu_instruction_set", "quantization_config",
-    "AgencyGPT2OnnxConfig", "UnifiedARMTOnnxConfig", "ONNX_CONFIGS", "DEFAULT_OPSET", "MIN_OPSET", "MAX_OPSET",
+    "AgencyGPT2OnnxConfig", "UnifiedARMTOnnxConfig", "ThoughtDiffusionOnnxConfig", "ONNX_CONFIGS", "DEFAULT_OPSET",
+    "MIN_OPSET", "MAX_OPSET",
 ]

@@ -7,6 +7,9 @@
   follow the model's (slots n_layer..2*n_layer-1), as in the PyTorch cache.
 - `UnifiedARMTOnnxConfig`: one segment step (see `UnifiedARMTSegmentStepPatcher`): a piece of the open segment goes
   in with the whole recurrent state, the logits and the new state come out.
+- `ThoughtDiffusionOnnxConfig`: one denoising step (see `ThoughtDiffusionDenoiseStepPatcher`): partially masked
+  tokens, their noise level, the thought stack and the block cache of the clean prefix go in; SUBS logits, the new
+  thought, the pushed stack and the cache extended by this call's keys/values come out.
 
 Importing this module also lets optimum recognize armada's model classes as `transformers` models (optimum infers a
 model's library from the module its class lives in, and armada's classes live in `armada.modeling`).
@@ -198,15 +201,133 @@ class UnifiedARMTOnnxConfig(OnnxConfig):
         return dummy
 
 
+# ----------------------------------------------------------------------------------------------------- ThoughtDiffusion
+def diffusion_stack_names(config, prefix=""):
+    """Names of the thought-stack tensors of a ThoughtDiffusion denoising step (none when the stack is disabled)."""
+    if not config.thought_stack_size:
+        return []
+    return [f"{prefix}thought_buffer", f"{prefix}thought_head", f"{prefix}thought_count"]
+
+
+def diffusion_cache_names(config, prefix="past_"):
+    n = config.num_hidden_layers
+    return [f"{prefix}mask"] + [f"{prefix}key.{i}" for i in range(n)] + [f"{prefix}value.{i}" for i in range(n)]
+
+
+def diffusion_denoise_step(model, input_ids, attention_mask, position_ids, block_ids, timesteps, past_mask, past_key,
+                           past_value, thought_buffer=None, thought_head=None, thought_count=None):
+    """One call of `ThoughtDiffusionForMaskedLM`'s sampler with its state as plain tensors: the prefix cache
+    (`past_mask` (B, P) bool, per layer `past_key`/`past_value` (B, n_head, P, head_dim); P may be 0) and the thought
+    stack (`thought_buffer` (B, S, *thought_dims), `thought_head`/`thought_count` (B,) int64). Returns (SUBS logits
+    (B, T, V), [new thought, buffer, head, count,] present mask (B, P + T), present keys, present values)."""
+    from ..modeling.modeling_thought_diffusion import ThoughtDiffusionBlockCache, ThoughtStack
+
+    stack = None if thought_buffer is None else ThoughtStack(thought_buffer, thought_head, thought_count)
+    cache = ThoughtDiffusionBlockCache(list(past_key), list(past_value), past_mask)
+    out = model.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, block_ids=block_ids,
+                            timesteps=timesteps, thought_stack=stack, past_key_values=cache, use_cache=True,
+                            return_dict=True)
+    logits = model.subs_logits(out.last_hidden_state, input_ids)
+    thought = () if stack is None else (out.new_thought, out.thought_stack.buffer, out.thought_stack.head,
+                                        out.thought_stack.count)
+    present = out.past_key_values
+    return (logits, *thought, present.mask, *present.keys, *present.values)
+
+
+class ThoughtDiffusionDenoiseStepPatcher(ModelPatcher):
+    """While exporting, the model's forward is the denoising step (`diffusion_denoise_step`) on flat tensors."""
+
+    def __init__(self, config, model, model_kwargs=None):
+        super().__init__(config, model, model_kwargs)
+
+        def denoise_step(input_ids, attention_mask, position_ids, block_ids, timesteps, past_mask, past_key,
+                         past_value, thought_buffer=None, thought_head=None, thought_count=None):
+            return diffusion_denoise_step(model, input_ids, attention_mask, position_ids, block_ids, timesteps,
+                                          past_mask, past_key, past_value, thought_buffer, thought_head,
+                                          thought_count)
+
+        self.patched_forward = denoise_step
+
+
+class ThoughtDiffusionOnnxConfig(OnnxConfig):
+    """The denoising step of ThoughtDiffusion: `input_ids`, `attention_mask`, `position_ids`, `block_ids` (B, T),
+    `timesteps` (B,), the prefix cache `past_mask` (B, P), `past_key.{l}`, `past_value.{l}` (P may be 0: no cache)
+    and, with a thought stack, `thought_buffer`, `thought_head`, `thought_count` in; `logits` (SUBS, B x T x V),
+    `new_thought`, `present_thought_*`, `present_mask` and `present_key/value.{l}` (P + T positions) out.
+    `armada.onnxruntime.ORTThoughtDiffusionForMaskedLM` runs `generate_with_stack` on it."""
+
+    NORMALIZED_CONFIG_CLASS = NormalizedTextConfig
+    DEFAULT_ONNX_OPSET = DEFAULT_OPSET
+    ATOL_FOR_VALIDATION = 1e-4
+    _MODEL_PATCHER = ThoughtDiffusionDenoiseStepPatcher
+
+    @property
+    def inputs(self):
+        tokens = {0: "batch_size", 1: "sequence_length"}
+        axes = OrderedDict((name, dict(tokens)) for name in ("input_ids", "attention_mask", "position_ids",
+                                                             "block_ids"))
+        axes["timesteps"] = {0: "batch_size"}
+        axes["past_mask"] = {0: "batch_size", 1: "past_sequence_length"}
+        for name in diffusion_cache_names(self._config)[1:]:
+            axes[name] = {0: "batch_size", 2: "past_sequence_length"}
+        for name in diffusion_stack_names(self._config):
+            axes[name] = {0: "batch_size"}
+        return axes
+
+    @property
+    def outputs(self):
+        axes = OrderedDict(logits={0: "batch_size", 1: "sequence_length"})
+        if self._config.thought_stack_size:
+            axes["new_thought"] = {0: "batch_size"}
+        for name in diffusion_stack_names(self._config, prefix="present_"):
+            axes[name] = {0: "batch_size"}
+        total = "past_sequence_length + sequence_length"
+        axes["present_mask"] = {0: "batch_size", 1: total}
+        for name in diffusion_cache_names(self._config, prefix="present_")[1:]:
+            axes[name] = {0: "batch_size", 2: total}
+        return axes
+
+    def generate_dummy_inputs(self, framework="pt", **kwargs):
+        """Two rows, a prefix of 5 cached positions (one row left-padded), 4 new positions with some [MASK], a stack
+        holding 3 thoughts in one row and none in the other."""
+        cfg, batch, past, length = self._config, 2, 5, 4
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, cfg.vocab_size, (batch, length), generator=generator)
+        ids[:, 1::2] = cfg.mask_token_id
+        past_mask = torch.ones(batch, past, dtype=torch.bool)
+        past_mask[1, :2] = False
+        positions = torch.arange(past, past + length).expand(batch, -1) - torch.tensor([[0], [2]])
+        block = cfg.block_length or 1
+        kv = (batch, cfg.num_attention_heads, past, cfg.hidden_size // cfg.num_attention_heads)
+        dummy = {
+            "input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long),
+            "position_ids": positions, "block_ids": positions // block if cfg.block_length else positions * 0,
+            "timesteps": torch.tensor([0.5, 0.9]), "past_mask": past_mask,
+            "past_key": [torch.randn(kv, generator=generator) for _ in range(cfg.num_hidden_layers)],
+            "past_value": [torch.randn(kv, generator=generator) for _ in range(cfg.num_hidden_layers)],
+        }
+        if cfg.thought_stack_size:
+            size = cfg.thought_stack_size
+            dummy["thought_buffer"] = torch.randn(batch, size, *cfg.thought_dims, generator=generator)
+            dummy["thought_head"] = torch.tensor([3 % size, 0])
+            dummy["thought_count"] = torch.tensor([min(3, size), 0])
+        if framework == "np":
+            return {k: [t.numpy() for t in v] if isinstance(v, list) else v.numpy() for k, v in dummy.items()}
+        return dummy
+
+
 # ----------------------------------------------------------------------------------------------------- registration
-ONNX_CONFIGS = {"agency_gpt2": AgencyGPT2OnnxConfig, "unified_armt": UnifiedARMTOnnxConfig}
-ONNX_TASKS = {"agency_gpt2": "text-generation-with-past", "unified_armt": "text-generation"}
+ONNX_CONFIGS = {"agency_gpt2": AgencyGPT2OnnxConfig, "unified_armt": UnifiedARMTOnnxConfig,
+                "thought_diffusion": ThoughtDiffusionOnnxConfig}
+ONNX_TASKS = {"agency_gpt2": "text-generation-with-past", "unified_armt": "text-generation",
+              "thought_diffusion": "fill-mask"}
 
 
 def _register():
     register = TasksManager.create_register("onnx", overwrite_existing=True)
     register("agency_gpt2", "text-generation", "text-generation-with-past")(AgencyGPT2OnnxConfig)
     register("unified_armt", "text-generation")(UnifiedARMTOnnxConfig)
+    register("thought_diffusion", "fill-mask")(ThoughtDiffusionOnnxConfig)
 
     infer = TasksManager._infer_library_from_model_or_model_class.__func__
     if getattr(infer, "_armada", False):

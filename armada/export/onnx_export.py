@@ -2,7 +2,8 @@
 
 `export_onnx(model_or_dir, out_dir, quantize=None, opset=None, overwrite=False)` writes, into `out_dir`:
 
-    model.onnx             the fp32 graph (AgencyGPT2: decoder with past; UnifiedARMT: the segment step)
+    model.onnx             the fp32 graph (AgencyGPT2: decoder with past; UnifiedARMT: the segment step;
+                           ThoughtDiffusion: the denoising step)
     model_quantized.onnx   with quantize="int8": dynamic int8 (ORTQuantizer, the config for this CPU)
     config.json, generation_config.json, tokenizer files (when the source has them)
     export_report.json     what was checked and measured (parity figures, quantization settings)
@@ -12,8 +13,11 @@ a failed export leaves nothing behind.
 
 Parity checks (a failure raises `ExportParityError`):
   fp32: max |logit difference| between ONNX Runtime and PyTorch <= 1e-4 over sample inputs that exercise the cache
-        (AgencyGPT2: a prompt, then steps with past key/values; UnifiedARMT: a stream crossing segment boundaries).
-  int8: on a text sample, top-1 agreement with fp32 >= 98% and perplexity within 5% of fp32. Enforced for trained
+        (AgencyGPT2: a prompt, then steps with past key/values; UnifiedARMT: a stream crossing segment boundaries;
+        ThoughtDiffusion: a padded denoising call with a filled thought stack, then greedy `generate_with_stack` with
+        and without the block cache, whose tokens must be equal).
+  int8: on a text sample, top-1 agreement with fp32 >= 98% and perplexity within 5% of fp32 (next-token prediction;
+        ThoughtDiffusion: the masked half of the sample at t = 0.5). Enforced for trained
         models (`int8_check=None`: when the fp32 perplexity on the sample is below half the vocabulary size; a
         random-init model is about uniform there and int8 noise flips its arbitrary top-1); `True`/`False` force it.
 """
@@ -62,7 +66,8 @@ def _check_opset(opset):
 
 def _load_model(model_or_dir):
     """The model to export and the directory it came from (None for an in-memory model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+    import transformers
+    from transformers import AutoConfig, PreTrainedModel
 
     import armada  # noqa: F401  (registers the Auto classes)
 
@@ -80,7 +85,7 @@ def _load_model(model_or_dir):
                              f"{sorted(ONNX_CONFIGS)}.")
         if not any(os.path.isfile(os.path.join(source, name)) for name in WEIGHT_FILES):
             raise ValueError(f"{source!r} has no weights (none of {', '.join(WEIGHT_FILES)}).")
-        model = AutoModelForCausalLM.from_pretrained(source)
+        model = getattr(transformers, EXPORTERS[model_type]["auto_class"]).from_pretrained(source)
     model_type = model.config.model_type
     if model_type not in ONNX_CONFIGS:
         raise ValueError(f"unsupported model type {model_type!r}; ONNX export supports {sorted(ONNX_CONFIGS)}.")
@@ -160,9 +165,9 @@ def _sample_ids(model, source, sample_text, n_tokens):
     return ids
 
 
-def _perplexity(logits, ids):
-    logits = torch.as_tensor(logits, dtype=torch.float64)[:-1]
-    return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(ids[1:])).exp())
+def _perplexity(logits, targets):
+    logits = torch.as_tensor(logits, dtype=torch.float64)
+    return float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets)).exp())
 
 
 def _agency_parity_fp32(model, ort_model):
@@ -206,15 +211,69 @@ def _armt_parity_fp32(model, ort_model):
     return worst
 
 
-def _text_logits(ort_model, ids, model_type, n_positions):
-    """Logits of one row of token ids (AgencyGPT2 in windows of the position table, UnifiedARMT streamed)."""
-    if model_type == "unified_armt":
-        return ort_model(torch.as_tensor(ids)[None]).logits[0].numpy()
-    chunks = []
-    for start in range(0, len(ids), n_positions):
-        piece = torch.as_tensor(ids[start:start + n_positions])[None]
-        chunks.append(ort_model(input_ids=piece, attention_mask=torch.ones_like(piece), use_cache=False).logits[0])
-    return torch.cat(chunks).numpy()
+def _causal_scores(ort_model, ids, config):
+    """Next-token logits (N - 1, V) of one row of token ids and their targets (AgencyGPT2 in windows of its position
+    table, UnifiedARMT streamed)."""
+    if config.model_type == "unified_armt":
+        logits = ort_model(torch.as_tensor(ids)[None]).logits[0].numpy()
+    else:
+        chunks = []
+        for start in range(0, len(ids), config.n_positions):
+            piece = torch.as_tensor(ids[start:start + config.n_positions])[None]
+            chunks.append(ort_model(input_ids=piece, attention_mask=torch.ones_like(piece), use_cache=False).logits[0])
+        logits = torch.cat(chunks).numpy()
+    return logits[:-1], ids[1:]
+
+
+def _diffusion_scores(ort_model, ids, config):
+    """ThoughtDiffusion: windows of the text (at most 128 tokens) with a seeded half of their tokens masked at t = 0.5;
+    the logits (N, V) of the masked positions and their clean tokens."""
+    window = min(128, config.max_position_embeddings)
+    ids = torch.as_tensor(ids[:len(ids) // window * window]).view(-1, window)
+    ids = ids.masked_fill(ids == config.mask_token_id, 0)
+    masked = torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    logits = ort_model(input_ids=ids.masked_fill(masked, config.mask_token_id),
+                       timesteps=torch.full((len(ids),), 0.5)).logits
+    return logits[masked].numpy(), ids[masked].numpy()
+
+
+def _diffusion_parity_fp32(model, ort_model):
+    """A denoising call with a filled stack, a cache and padding (3 rows: another batch size than the traced one),
+    then greedy `generate_with_stack` with and without the block cache: the same tokens, and logits and thoughts
+    within tolerance. Returns the max abs difference (inf when tokens differ)."""
+    cfg = model.config
+    generator = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.mask_token_id, (3, 7), generator=generator)
+    mask = torch.ones_like(prompt)
+    mask[2, :3] = 0
+    block = cfg.block_length or 8
+    new = 2 * block if 7 + 2 * block <= cfg.max_position_embeddings else block
+    worst = 0.0
+    stack = None
+    if cfg.thought_stack_size:
+        from ..modeling.modeling_thought_diffusion import ThoughtStack
+
+        stack = ThoughtStack.empty(cfg, 3)
+        for _ in range(cfg.thought_stack_size + 1):
+            stack = stack.push(torch.rand(3, *cfg.thought_dims, generator=generator) * 2 - 1)
+    with torch.no_grad():
+        ids = prompt.masked_fill(torch.rand(prompt.shape, generator=generator) < 0.5, cfg.mask_token_id)
+        ref = model(input_ids=ids, attention_mask=mask, thought_stack=stack, use_cache=True)
+        out = ort_model(input_ids=ids, attention_mask=mask, thought_stack=stack, use_cache=True)
+    real = ref.logits > torch.finfo(ref.logits.dtype).min / 2
+    worst = max(worst, float((out.logits - ref.logits).abs()[real].max()))
+    if stack is not None:
+        worst = max(worst, float((out.new_thought - ref.new_thought).abs().max()))
+    for use_cache in ((True, False) if cfg.block_length is not None else (False,)):
+        kwargs = dict(max_new_tokens=new, num_steps=new // 2, top_k=1, attention_mask=mask, initial_stack=stack,
+                      use_block_cache=use_cache)
+        expected = model.generate_with_stack(prompt, **kwargs)
+        got = ort_model.generate_with_stack(prompt, **kwargs)
+        if not torch.equal(expected.sequences, got.sequences):
+            return float("inf")
+        if stack is not None:
+            worst = max(worst, float((expected.thought_stack.buffer - got.thought_stack.buffer).abs().max()))
+    return worst
 
 
 def _load_ort(directory, file_name, model_type):
@@ -237,7 +296,8 @@ def export_onnx(
     sample_tokens: int = 1024,
     sample_ids: Optional[Sequence[int]] = None,
 ) -> dict:
-    """Export an AgencyGPT2 or UnifiedARMT model (a `PreTrainedModel` or a `save_pretrained` directory) to ONNX.
+    """Export an AgencyGPT2, UnifiedARMT or ThoughtDiffusion model (a `PreTrainedModel` or a `save_pretrained`
+    directory) to ONNX.
 
     Args:
         model_or_dir: the model, or a directory with its config.json and weights.
@@ -303,16 +363,17 @@ def export_onnx(
 
 
 def _int8_check(model, ids, fp32, int8, enforce, out_dir):
-    n_positions = getattr(model.config, "n_positions", None)
-    ref = _text_logits(fp32, ids, model.config.model_type, n_positions)
-    got = _text_logits(int8, ids, model.config.model_type, n_positions)
+    scores = EXPORTERS[model.config.model_type]["text_scores"]
+    ref, targets = scores(fp32, ids, model.config)
+    got, _ = scores(int8, ids, model.config)
     top1 = float((ref.argmax(-1) == got.argmax(-1)).mean())
-    ppl_fp32, ppl_int8 = _perplexity(ref, ids), _perplexity(got, ids)
+    ppl_fp32, ppl_int8 = _perplexity(ref, targets), _perplexity(got, targets)
     increase = ppl_int8 / ppl_fp32 - 1
     trained = ppl_fp32 < 0.5 * model.config.vocab_size
     enforced = trained if enforce is None else bool(enforce)
     passed = top1 >= INT8_MIN_TOP1 and abs(increase) <= INT8_MAX_PPL_INCREASE
-    result = {"tokens": int(len(ids)), "top1_agreement": top1, "perplexity_fp32": ppl_fp32, "perplexity_int8": ppl_int8,
+    result = {"tokens": int(len(ids)), "scored_positions": int(len(targets)), "top1_agreement": top1,
+              "perplexity_fp32": ppl_fp32, "perplexity_int8": ppl_int8,
               "perplexity_change": increase, "min_top1": INT8_MIN_TOP1, "max_perplexity_change": INT8_MAX_PPL_INCREASE,
               "enforced": enforced, "pass": passed}
     if enforced and not passed:
@@ -367,6 +428,17 @@ def _export_armt(model, directory, opset):
         shutil.rmtree(part)
 
 
+def _export_diffusion(model, directory, opset):
+    """ThoughtDiffusion: the denoising step (tokens, t, thought stack, block cache in; logits, new thought, stack,
+    cache out) through optimum as one graph."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    onnx_export_from_model(model, directory, opset=opset, task=ONNX_TASKS["thought_diffusion"], monolith=True,
+                           custom_onnx_configs={"model": ONNX_CONFIGS["thought_diffusion"](model.config,
+                                                                                           task="fill-mask")},
+                           do_validation=False)
+
+
 def _copy_tokenizer(source, target):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
         path = os.path.join(source, name)
@@ -383,12 +455,16 @@ _FALLBACK_TEXT = (
 )
 
 
-# model_type -> how it is exported, checked and served. A new architecture (ThoughtDiffusion: the denoising step,
-# tokens + t + thought stack -> logits + new thought) adds an OnnxConfig in onnx_configs.py, a row here and an ORT
-# class in armada/onnxruntime.py.
+# model_type -> how it is loaded, exported, checked and served. A new architecture adds an OnnxConfig in
+# onnx_configs.py, a row here and an ORT class in armada/onnxruntime.py.
 EXPORTERS = {
-    "agency_gpt2": {"export": _export_agency, "parity_fp32": _agency_parity_fp32,
+    "agency_gpt2": {"auto_class": "AutoModelForCausalLM", "export": _export_agency,
+                    "parity_fp32": _agency_parity_fp32, "text_scores": _causal_scores,
                     "ort_class": "ORTAgencyGPT2ForCausalLM"},
-    "unified_armt": {"export": _export_armt, "parity_fp32": _armt_parity_fp32,
+    "unified_armt": {"auto_class": "AutoModelForCausalLM", "export": _export_armt,
+                     "parity_fp32": _armt_parity_fp32, "text_scores": _causal_scores,
                      "ort_class": "ORTUnifiedARMTForCausalLM"},
+    "thought_diffusion": {"auto_class": "AutoModelForMaskedLM", "export": _export_diffusion,
+                          "parity_fp32": _diffusion_parity_fp32, "text_scores": _diffusion_scores,
+                          "ort_class": "ORTThoughtDiffusionForMaskedLM"},
 }
