@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from armada import ThoughtDiffusionConfig, ThoughtDiffusionForMaskedLM, ThoughtStack
-from armada.evaluation import lexical_diversity, peak_memory
+from armada.evaluation import diffusion_elbo_perplexity, lexical_diversity, peak_memory
 from armada.tokenization import gpt2_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -172,31 +172,10 @@ def train(model, blocks, args, name):
 
 
 # ------------------------------------------------------------------------------------------------ quality
-@torch.no_grad()
 def elbo_perplexity(model, blocks, args, with_thought=False):
-    """exp(mean ELBO per token) over `blocks`, t on the midpoint grid of `--elbo-t` points in (eps, 1): a
-    deterministic quadrature of the ELBO's integral over t with seeded masks. `with_thought`: the training path's
-    self-conditioning (one noisier pass pushes its thought first; dropout is 0, so train mode changes nothing else)."""
-    config = model.config
-    saved = config.thought_train_prob
-    if with_thought:
-        config.thought_train_prob = 1.0
-        model.train()
-    low, high = config.sampling_eps, 1.0
-    grid = [low + (high - low) * (k + 0.5) / args.elbo_t for k in range(args.elbo_t)]
-    total = 0.0
-    try:
-        for k, t in enumerate(grid):
-            for i in range(0, len(blocks), args.batch_size):
-                torch.manual_seed(args.seed * 1000 + k * 100 + i)
-                batch = blocks[i:i + args.batch_size]
-                out = model(input_ids=batch, labels=batch, timesteps=torch.full((len(batch),), t))
-                total += float(out.elbo) * len(batch)
-    finally:
-        config.thought_train_prob = saved
-        model.eval()
-    nll = total / (len(grid) * len(blocks))
-    return {"perplexity": math.exp(nll), "nll": nll, "t_grid": len(grid), "blocks": len(blocks)}
+    """armada.evaluation.diffusion_elbo_perplexity with this run's --elbo-t, --batch-size and --seed."""
+    return diffusion_elbo_perplexity(model, blocks, t_points=args.elbo_t, batch_size=args.batch_size, seed=args.seed,
+                                     with_thought=with_thought)
 
 
 @torch.no_grad()

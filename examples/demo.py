@@ -35,7 +35,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # benchmarks/common.py: the speed measurement shared with the benchmarks
 import armada  # noqa: E402,F401  (registers agency_gpt2 with the Auto classes)
 from armada import AgencyGPT2ForCausalLM  # noqa: E402
-from armada.evaluation import perplexity_on_blocks  # noqa: E402
+from armada.evaluation import diffusion_elbo_perplexity, perplexity_on_blocks  # noqa: E402
 from armada.io_utils import atomic_directory, atomic_write_text  # noqa: E402
 from armada.pruning import prune  # noqa: E402
 from armada.tokenization import gpt2_tokenizer  # noqa: E402
@@ -280,24 +280,47 @@ def reload_and_generate(best, best_name, tokenizer, args):
             "agency_counts": model.agency_report()["counts"], "samples": samples}
 
 
-def onnx_demo(model_dir, tokenizer, args):
-    """Export the saved model to ONNX + int8 (parity checked by export_onnx) and generate from the int8 file."""
+def export_int8(model_dir, **kwargs):
+    """Export a saved demo model to ONNX + int8 beside it (`<dir>_onnx`; parity checked by export_onnx)."""
     from armada.export import export_onnx
-    from armada.onnxruntime import ORTAgencyGPT2ForCausalLM
 
     out = model_dir.rstrip("/") + "_onnx"
-    report = export_onnx(model_dir, out, quantize="int8", overwrite=True)
+    report = export_onnx(model_dir, out, quantize="int8", overwrite=True, **kwargs)
     int8 = report["int8"]
     print(f"exported to {out}: fp32 max |logit diff| vs PyTorch {report['fp32']['max_abs_logit_diff']:.1e}; int8 "
           f"top-1 agreement {int8['top1_agreement']:.1%}, perplexity {int8['perplexity_int8']:.2f} vs fp32 "
-          f"{int8['perplexity_fp32']:.2f} on {int8['tokens']} wikitext-2 tokens (checked: {int8['enforced']}); "
-          f"files: {', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in report['files'].items())}")
+          f"{int8['perplexity_fp32']:.2f} on {int8['scored_positions']} scored positions (checked: "
+          f"{int8['enforced']}); files: {', '.join(f'{k} {v / 1e6:.1f} MB' for k, v in report['files'].items())}")
+    return out, report
+
+
+def onnx_demo(model_dir, tokenizer, args):
+    """Export the saved AgencyGPT2 to ONNX + int8 and generate from the int8 file with ONNX Runtime."""
+    from armada.onnxruntime import ORTAgencyGPT2ForCausalLM
+
+    out, report = export_int8(model_dir)
     model = ORTAgencyGPT2ForCausalLM.from_pretrained(out, file_name="model_quantized.onnx")
     enc = tokenizer(PROMPT, return_tensors="pt")
     ids = model.generate(**enc, max_new_tokens=args.sample_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     text = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     print(f"\n--- greedy, ONNX Runtime int8 ---\n{PROMPT}{text}")
     return {"report": report, "sample": text}
+
+
+def save_with_card(model, tokenizer, folder, results):
+    """save_pretrained model + tokenizer atomically into `folder`, its measured results beside them as
+    `eval_results.json` (huggingface_hub EvalResult fields + training lines) and the model card built from it."""
+    from armada.hub_cards import build_card
+
+    with atomic_directory(folder, overwrite=True) as tmp:  # replaces only its own earlier output
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(os.path.join(tmp, "eval_results.json"), json.dumps(results, indent=2))
+        card = build_card(tmp, results=[os.path.join(tmp, "eval_results.json")],
+                          repo_id=os.path.basename(folder.rstrip("/")))
+        atomic_write_text(os.path.join(tmp, "README.md"), str(card))
+    print(f"saved {type(model).__name__} + tokenizer + model card ({len(card.data.eval_results)} measured results) "
+          f"to {folder}")
 
 
 def armt_memory_demo(args):
@@ -341,8 +364,27 @@ def armt_memory_demo(args):
     out = model.generate(prompt[:1], attention_mask=torch.ones_like(prompt[:1]), max_new_tokens=1, do_sample=False)
     print(f"generate(): {task.vocab.decode(prompt[0].tolist())} -> {task.vocab.decode(out[0, -1:].tolist())} "
           f"(expected {task.vocab.decode([answer[0].item()])})")
-    return {"accuracy_memory_kept": kept, "accuracy_memory_reset": forgot, "pair_in_last_segment": pair_in_last,
+    info = {"accuracy_memory_kept": kept, "accuracy_memory_reset": forgot, "pair_in_last_segment": pair_in_last,
             "steps": args.armt_steps, "parameters": model.num_parameters()}
+    folder = args.output_dir.rstrip("/") + "_armt"
+    dataset = f"MemoryRetrieval (pair in segment 1, query in segment 2, {task.n_symbols} values), 512 new samples"
+    save_with_card(model, task.vocab.tokenizer(), folder, {
+        "eval_results": [dict(task_type="text-generation", task_name="Key-value retrieval across segments",
+                              dataset_type="armada/memory_retrieval", dataset_name=dataset, dataset_split="test",
+                              metric_type="accuracy", metric_value=round(value, 4), metric_name=name)
+                         for name, value in (("answer accuracy, memory kept", kept),
+                                             ("answer accuracy, memory reset before the query's segment", forgot))],
+        "training": [f"Produced by `examples/demo.py`: {args.armt_steps} Trainer steps, batch 32, lr 3e-3 on "
+                     f"generated MemoryRetrieval samples (seed {args.seed}), CPU"]})
+
+    from armada.onnxruntime import ORTUnifiedARMTForCausalLM
+
+    onnx_dir, report = export_int8(folder, sample_ids=test[:64].flatten().tolist())
+    int8 = ORTUnifiedARMTForCausalLM.from_pretrained(onnx_dir, file_name="model_quantized.onnx")
+    int8_kept = (int8(prompt).logits[:, -1].argmax(-1) == answer).float().mean().item()
+    print(f"answer accuracy of the int8 ONNX model (ONNX Runtime, streamed across segments): {int8_kept:.1%} "
+          f"(PyTorch fp32 {kept:.1%})")
+    return {**info, "saved_to": folder, "onnx": {"report": report, "accuracy_memory_kept_int8": int8_kept}}
 
 
 def write_model_card(args, summary_path):
@@ -356,7 +398,7 @@ def write_model_card(args, summary_path):
           f"  armada push {args.output_dir} NAMESPACE/NAME --results {summary_path}")
 
 
-def diffusion_demo(train, tokenizer, args):
+def diffusion_demo(train, evals, tokenizer, args):
     """Train a tiny ThoughtDiffusion (block-causal, thought stack) on the GPT-2 blocks for a few steps, then sample
     with the history shown: the canvas after each denoising step, [MASK] as '_'."""
     from armada import ThoughtDiffusionConfig, ThoughtDiffusionForMaskedLM
@@ -380,6 +422,10 @@ def diffusion_demo(train, tokenizer, args):
     print(f"ThoughtDiffusion: {model.num_parameters():,} parameters, {args.diffusion_steps} steps; last ELBO "
           f"{out.elbo.item():.2f} nats/token, thought loss {out.thought_loss.item():.3f}")
     model.eval()
+    held_out = evals["held-out"][:8, :64]
+    elbo = diffusion_elbo_perplexity(model, held_out, t_points=4)
+    print(f"ELBO perplexity bound on {len(held_out)} held-out blocks of 64 tokens (4 t points): "
+          f"{elbo['perplexity']:.1f}")
     prompt = blocks[:1, :8]
     result = model.generate_with_stack(prompt, max_new_tokens=16, num_steps=8, temperature=0.8, top_k=50,
                                        return_history=True)
@@ -387,8 +433,32 @@ def diffusion_demo(train, tokenizer, args):
         new = entry["tokens"][0, prompt.shape[1]:].tolist()
         words = "".join("_" if t == mask_id else tokenizer.decode([t]) for t in new)
         print(f"block {entry['block']} step {entry['step']}: {tokenizer.decode(prompt[0])}|{words!r}")
-    return {"steps": args.diffusion_steps, "final_elbo": out.elbo.item(), "forward_passes": result.num_forward_passes,
-            "sample": tokenizer.decode(result.sequences[0])}
+    info = {"steps": args.diffusion_steps, "final_elbo": out.elbo.item(), "elbo_perplexity_held_out": elbo,
+            "forward_passes": result.num_forward_passes, "sample": tokenizer.decode(result.sequences[0])}
+
+    folder = args.output_dir.rstrip("/") + "_diffusion"
+    diffusion_tokenizer = gpt2_tokenizer()
+    diffusion_tokenizer.add_special_tokens({"mask_token": "[MASK]"})  # id len(GPT-2) = config.mask_token_id
+    save_with_card(model, diffusion_tokenizer, folder, {
+        "eval_results": [dict(task_type="fill-mask", task_name="Masked diffusion language modelling",
+                              dataset_type="armada/held-out", dataset_name=f"held-out Shakespeare, {len(held_out)} "
+                              "blocks of 64 tokens", dataset_split="test", metric_type="perplexity",
+                              metric_value=round(elbo["perplexity"], 2),
+                              metric_name="ELBO perplexity bound (4 t points)")],
+        "training": [f"Produced by `examples/demo.py`: {args.diffusion_steps} AdamW steps, batch 8 x 64 tokens of "
+                     f"the Shakespeare training text, CPU"]})
+
+    from armada.onnxruntime import ORTThoughtDiffusionForMaskedLM
+
+    onnx_dir, report = export_int8(folder, sample_ids=held_out.flatten().tolist())
+    int8 = ORTThoughtDiffusionForMaskedLM.from_pretrained(onnx_dir, file_name="model_quantized.onnx")
+    greedy = dict(max_new_tokens=16, num_steps=8, top_k=1)
+    pt_tokens = model.generate_with_stack(prompt, **greedy).sequences
+    ort_tokens = int8.generate_with_stack(prompt, **greedy).sequences
+    agree = (pt_tokens == ort_tokens).float()[0, prompt.shape[1]:].mean().item()
+    print(f"greedy generate_with_stack on ONNX Runtime int8: {tokenizer.decode(ort_tokens[0])!r} ({agree:.0%} of "
+          "the new tokens as PyTorch fp32)")
+    return {**info, "saved_to": folder, "onnx": {"report": report, "int8_greedy_agreement": agree}}
 
 
 def parse_args(argv=None):
@@ -520,7 +590,7 @@ def main(argv=None):
     t = done("armt", t)
 
     section("8. ThoughtDiffusion: denoising block by block, the history shown")
-    diffusion_info = diffusion_demo(train, tokenizer, args)
+    diffusion_info = diffusion_demo(train, evals, tokenizer, args)
     t = done("diffusion", t)
 
     section("9. Summary")
