@@ -7,6 +7,8 @@ torch and transformers but not armada (built once under .cache/, reused between 
 """
 
 import ast
+import filecmp
+import inspect
 import json
 import os
 import shutil
@@ -17,13 +19,22 @@ import threading
 
 import pytest
 import torch
+import transformers
 from hub_server import HubServer
 from huggingface_hub import HfApi
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from armada import ARCHITECTURES, AgencyGPT2Config, AgencyGPT2ForCausalLM, UnifiedARMTConfig, UnifiedARMTForCausalLM
+from armada import (
+    ARCHITECTURES,
+    AgencyGPT2Config,
+    AgencyGPT2ForCausalLM,
+    ThoughtDiffusionConfig,
+    ThoughtDiffusionForMaskedLM,
+    UnifiedARMTConfig,
+    UnifiedARMTForCausalLM,
+)
 from armada.hub import check_config, pull, push
-from armada.hub_cards import build_card, read_results
+from armada.hub_cards import architecture, build_card, head_auto_class, read_results
 from armada.tokenization import gpt2_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,24 +46,57 @@ def tiny_model(model_type, seed=0):
     if model_type == "agency_gpt2":
         model = AgencyGPT2ForCausalLM(AgencyGPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4))
         model.prune_heads({0: [1], 1: [0, 3]})  # pruned shapes must survive the round trip
-    else:
+    elif model_type == "unified_armt":
         model = UnifiedARMTForCausalLM(UnifiedARMTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                          segment_size=8, num_memory_tokens=2, d_mem=8))
+    else:
+        mask = len(gpt2_tokenizer())  # [MASK] one past GPT-2's vocabulary, as checkpoint_tokenizer adds it
+        model = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(
+            vocab_size=mask + 1, mask_token_id=mask, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=96, block_length=8, thought_dims=[4, 4], thought_stack_size=2))
     return model.eval()
+
+
+ARCHS = ["agency_gpt2", "unified_armt", "thought_diffusion"]
+# model_type -> the Auto class of its head (AutoModelForCausalLM, AutoModelForMaskedLM for ThoughtDiffusion)
+AUTO = {model_type: getattr(transformers, head_auto_class(architecture(model_type)[1])) for model_type in ARCHS}
+
+def model_inputs(model, tokenizer, text):
+    """The tokenized text; a masked LM gets every second token masked (at unmasked positions its SUBS logits only
+    copy the input, whatever the weights). Its source is part of the scripts below that run in other processes."""
+    inputs = tokenizer(text, return_tensors="pt")
+    if type(model).__name__.endswith("ForMaskedLM"):
+        inputs["input_ids"][:, 1::2] = model.config.mask_token_id
+    return inputs
+
+
+INPUTS = inspect.getsource(model_inputs)
 
 
 def logits(model, tokenizer):
     with torch.no_grad():
-        return model(**tokenizer(TEXT, return_tensors="pt")).logits  # 22 tokens: 3 ARMT segments
+        return model(**model_inputs(model, tokenizer, TEXT)).logits  # 22 tokens: 3 ARMT segments
+
+
+def assert_same_logits(loaded, reference):
+    """Logits of a loaded checkpoint against the model that saved it. Its weights are the same bits, but they sit at
+    another memory alignment (safetensors maps the file), which can take a matmul down another kernel path:
+    ThoughtDiffusion's logits then differ by ~1.5e-7 (0 after cloning the loaded weights), rounding, not the trip."""
+    torch.testing.assert_close(loaded, reference, rtol=0, atol=1e-6)
+
+
+def checkpoint_tokenizer(model_type):
+    """The GPT-2 tokenizer, with [MASK] (id 50257) for ThoughtDiffusion, as examples/train_diffusion.py saves it."""
+    tokenizer = gpt2_tokenizer()
+    if model_type == "thought_diffusion":
+        tokenizer.add_special_tokens({"mask_token": "[MASK]"})
+    return tokenizer
 
 
 def save_checkpoint(model, path):
     model.save_pretrained(path)
-    gpt2_tokenizer().save_pretrained(path)
+    checkpoint_tokenizer(model.config.model_type).save_pretrained(path)
     return str(path)
-
-
-ARCHS = ["agency_gpt2", "unified_armt"]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +155,7 @@ def test_saved_checkpoint_carries_flat_remote_code(checkpoints, model_type):
     folder, _ = checkpoints[model_type]
     config = json.load(open(os.path.join(folder, "config.json")))
     modules = {value.split(".")[0] for value in config["auto_map"].values()}
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", AUTO[model_type].__name__}
     assert all(value.count(".") == 1 for value in config["auto_map"].values())  # `module.Class`, one dot
     for module in modules:
         tree = ast.parse(open(os.path.join(folder, f"{module}.py")).read())
@@ -155,20 +199,20 @@ def bare_python():
     return python
 
 
-REMOTE_LOAD = """
-import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+REMOTE_LOAD = INPUTS + """
+import json, sys, torch, transformers
+from transformers import AutoTokenizer
 try:
     import armada
     sys.exit("armada is importable here")
 except ImportError:
     pass
 out = {}
-for repo_id in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True).eval()
+for auto_class, repo_id in (arg.split("=") for arg in sys.argv[2:]):
+    model = getattr(transformers, auto_class).from_pretrained(repo_id, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(repo_id)
     with torch.no_grad():
-        out[repo_id] = [type(model).__module__, model(**tokenizer(sys.argv[1], return_tensors="pt")).logits.tolist()]
+        out[repo_id] = [type(model).__module__, model(**model_inputs(model, tokenizer, sys.argv[1])).logits.tolist()]
 print(json.dumps(out))
 """
 
@@ -181,7 +225,8 @@ def test_remote_code_loads_without_armada(hub, checkpoints, tmp_path):
     env = cli_env(hub, tmp_path / "bare-home")
     script = tmp_path / "remote_load.py"
     script.write_text(REMOTE_LOAD)
-    proc = run([bare_python(), str(script), TEXT] + [f"tester/remote-{m}" for m in ARCHS], env, cwd=tmp_path)
+    repos = [f"{AUTO[m].__name__}=tester/remote-{m}" for m in ARCHS]
+    proc = run([bare_python(), str(script), TEXT] + repos, env, cwd=tmp_path)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for model_type in ARCHS:
         module, values = out[f"tester/remote-{model_type}"]
@@ -206,30 +251,30 @@ def test_push_pull_round_trip(hub_env, checkpoints, model_type, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         pull(repo_id, out)
     assert pull(repo_id, out, overwrite=True) == out
-    model = AutoModelForCausalLM.from_pretrained(out).eval()  # armada installed: no trust_remote_code
+    assert filecmp.cmp(os.path.join(out, "model.safetensors"), os.path.join(folder, "model.safetensors"), False)
+    model = AUTO[model_type].from_pretrained(out).eval()  # armada installed: no trust_remote_code
     assert type(model).__module__.startswith("armada.")
-    torch.testing.assert_close(logits(model, AutoTokenizer.from_pretrained(out)), reference, rtol=0, atol=0)
+    assert_same_logits(logits(model, AutoTokenizer.from_pretrained(out)), reference)
 
     cache = str(tmp_path / "transformers-cache")
-    model = AutoModelForCausalLM.from_pretrained(repo_id, cache_dir=cache).eval()
-    torch.testing.assert_close(logits(model, AutoTokenizer.from_pretrained(repo_id, cache_dir=cache)), reference,
-                               rtol=0, atol=0)
+    model = AUTO[model_type].from_pretrained(repo_id, cache_dir=cache).eval()
+    assert_same_logits(logits(model, AutoTokenizer.from_pretrained(repo_id, cache_dir=cache)), reference)
     card = open(os.path.join(out, "README.md")).read()
     assert f'from_pretrained("{repo_id}", trust_remote_code=True)' in card
 
 
-OFFLINE_LOAD = """
-import json, sys, torch
+OFFLINE_LOAD = INPUTS + """
+import json, sys, torch, transformers
 import armada
 from armada.hub import pull
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 out = {}
-for repo_id in sys.argv[2:]:
+for auto_class, repo_id in (arg.split("=") for arg in sys.argv[2:]):
     folder = pull(repo_id, sys.argv[1] + "/" + repo_id.split("/")[1])   # from the cache, Hub unreachable
-    model = AutoModelForCausalLM.from_pretrained(repo_id).eval()
+    model = getattr(transformers, auto_class).from_pretrained(repo_id).eval()
     tokenizer = AutoTokenizer.from_pretrained(repo_id)
     with torch.no_grad():
-        out[repo_id] = model(**tokenizer(%r, return_tensors="pt")).logits.tolist()
+        out[repo_id] = model(**model_inputs(model, tokenizer, %r)).logits.tolist()
 print(json.dumps(out))
 """ % TEXT
 
@@ -251,10 +296,11 @@ def test_cli_push_pull_then_offline_from_cache(hub, checkpoints, tmp_path):
     del env["HF_TOKEN"]
     script = tmp_path / "offline_load.py"
     script.write_text(OFFLINE_LOAD)
-    proc = run([sys.executable, str(script), str(tmp_path / "offline")] + repos, env, cwd=tmp_path)
+    proc = run([sys.executable, str(script), str(tmp_path / "offline")]
+               + [f"{AUTO[m].__name__}={r}" for m, r in zip(ARCHS, repos)], env, cwd=tmp_path)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for model_type, repo_id in zip(ARCHS, repos):
-        torch.testing.assert_close(torch.tensor(out[repo_id]), checkpoints[model_type][1], rtol=0, atol=1e-6)
+        assert_same_logits(torch.tensor(out[repo_id]), checkpoints[model_type][1])
 
 
 def test_revisions_and_branches(hub_env, checkpoints, tmp_path):
