@@ -138,8 +138,8 @@ def _read_armt_tasks(data, path, model_type):
 
 
 # pruning_comparison.py's variants that are AgencyGPT2 models (the others are transformers' GPT-2, the reference)
-PRUNED_AGENCY_VARIANTS = {"agency": "pruned", "agency_distilled": "pruned + distillation recovery",
-                          "curriculum": "pruning curriculum, distilled"}
+PRUNED_AGENCY_VARIANTS = {"agency": "no recovery", "agency_distilled": "distillation recovery",
+                          "curriculum": "pruning curriculum with distillation"}
 
 
 def _read_pruning_comparison(data, path, model_type):
@@ -185,11 +185,12 @@ def _read_onnx_speed(data, path, model_type):
                          "benchmarks/onnx_speed.py with --families naming one of this architecture.")
     config, env = data["config"], data["environment"]
     gen, fwd = config["generate"], config["forward"]
-    measures = {"generate": f"generate tokens/s (batch 1, {gen['prompt_len']}-token prompt, {gen['new_tokens']} "
-                            "greedy new tokens)",
-                "forward": f"forward tokens/s (batch {fwd['batch']} x {fwd['seq_len']} tokens)"}
     results = Results()
     for family in families:
+        steps = gen.get("diffusion_denoising_steps") if architectures[family] == "thought_diffusion" else None
+        measures = {"generate": f"generate tokens/s (batch 1, {gen['prompt_len']}-token prompt, {gen['new_tokens']} "
+                                f"greedy new tokens{f' in {steps} denoising steps' if steps else ''})",
+                    "forward": f"forward tokens/s (batch {fwd['batch']} x {fwd['seq_len']} tokens)"}
         for kind, runtime in (("onnx", "ONNX Runtime fp32"), ("int8", "ONNX Runtime int8")):
             entry = data["results"][family][kind]
             dataset = f"onnx_speed.py family `{family}` (random-init weights)"
@@ -206,7 +207,7 @@ def _read_onnx_speed(data, path, model_type):
         results.training.append(f"- ONNX `{family}`: greedy tokens equal to PyTorch's: "
                                 + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in greedy.items()))
     results.training.append(
-        f"- ONNX figures: `benchmarks/onnx_speed.py` on {env['cpu']} ({env['threads']} threads, "
+        f"- ONNX figures: `benchmarks/onnx_speed.py` on {env['cpu']} ({env['threads']} thread(s), "
         f"{env.get('instruction_set', '?')}), ONNX Runtime {env['onnxruntime']}, dynamic int8; median over "
         f"{config['rounds']} interleaved rounds of ratios measured in the same round. The models are the "
         "benchmark's own (random-init weights at its model size: speed and size do not depend on the values), not "

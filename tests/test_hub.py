@@ -11,6 +11,7 @@ import filecmp
 import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import torch
 import transformers
 from hub_server import HubServer
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from armada import (
@@ -465,8 +466,117 @@ def test_card_template_field_missing(checkpoints, tmp_path):
 def test_card_unknown_results_file(checkpoints, tmp_path):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"something": 1}))
-    with pytest.raises(ValueError, match="not one armada knows"):
+    with pytest.raises(ValueError, match="not one armada knows; allowed: .*`benchmarks/pruning_comparison.py`'s "
+                                         "pruning_comparison.json; .*`benchmarks/diffusion.py`'s diffusion.json"):
         build_card(checkpoints["agency_gpt2"][0], results=[str(path)])
+
+
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+def metrics(card):
+    """{metric name: value} of a card's EvalResults."""
+    return {r.metric_name: r.metric_value for r in card.data.eval_results}
+
+
+def test_card_from_armt_tasks(checkpoints):
+    """UnifiedARMT's card: every memory run's accuracy, and with the memory reset, from armt_tasks.json; the
+    full-attention controls (no memory) are not this model's. The model-index keeps each task apart."""
+    path = os.path.join(RESULTS, "armt_tasks.json")
+    runs = [r for r in json.load(open(path))["results"] if r["memory_init"] != "full_attention"]
+    card = build_card(checkpoints["unified_armt"][0], results=[path], repo_id="tester/armt")
+    got = metrics(card)
+    assert runs and len(got) == 2 * len(runs)
+    assert {f"accuracy ({r['name']})": r["accuracy"] for r in runs}.items() <= got.items()
+    assert {f"accuracy, memory reset at every segment ({r['name']})": r["accuracy_memory_reset"]
+            for r in runs}.items() <= got.items()
+    reparsed = ModelCard(str(card)).data.eval_results
+    assert len(reparsed) == len(got) and all(r.dataset_config in r.dataset_name for r in reparsed)
+    assert "plots/armt_tasks.png" in str(card) and "CurriculumTrainer" in str(card)
+
+
+def test_card_from_pruning_comparison(checkpoints):
+    """AgencyGPT2's card: perplexity of every AgencyGPT2 row (strategy, level, recovery) of pruning_comparison.json;
+    the GPT-2 rows are the reference, in the training lines."""
+    path = os.path.join(RESULTS, "pruning_comparison.json")
+    data = json.load(open(path))
+    rows = [r for r in data["rows"] if r["variant"] in ("agency", "agency_distilled", "curriculum")]
+    card = build_card(checkpoints["agency_gpt2"][0], results=[path])
+    assert rows and [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("perplexity", round(r["perplexity"], 3)) for r in rows]
+    distilled = next(r for r in rows if r["variant"] == "agency_distilled" and r["level"] == 0.5)
+    assert (f"perplexity ({distilled['strategy']}, 50% of heads pruned, distillation recovery, heads per layer "
+            f"{distilled['heads_per_layer']})") in metrics(card)
+    text = str(card)
+    assert "plots/pruning_perplexity.png" in text and f"{data['training']['tokens']:,} tokens" in text
+    with pytest.raises(ValueError, match="describes agency_gpt2 checkpoints, not this unified_armt one"):
+        build_card(checkpoints["unified_armt"][0], results=[path])
+
+
+def test_card_from_onnx_speed(checkpoints):
+    """ONNX Runtime fp32 / int8 vs PyTorch (generate, forward, file size) for the families of the checkpoint's
+    architecture in onnx_speed.json; optimum's GPT-2 (the peer) is not one; no family of it: an error."""
+    path = os.path.join(RESULTS, "onnx_speed", "onnx_speed.json")
+    data = json.load(open(path))
+    families = [f for f in data["results"] if data["exports"][f].get("model_type") == "agency_gpt2"]
+    card = build_card(checkpoints["agency_gpt2"][0], results=[path])
+    entries = [data["results"][f][kind] for f in families for kind in ("onnx", "int8")]
+    expected = [round(v, 4) for e in entries for v in (e["generate"]["vs_pt"], e["forward"]["vs_pt"], e["size_vs_pt"])]
+    assert families and [r.metric_value for r in card.data.eval_results] == expected
+    assert all(r.metric_name.endswith(tuple(f"({f})" for f in families)) for r in card.data.eval_results)
+    assert "plots/onnx_speed.png" in str(card)
+    with pytest.raises(ValueError, match="no ONNX figures for thought_diffusion"):
+        build_card(checkpoints["thought_diffusion"][0], results=[path])
+
+
+@pytest.fixture(scope="module")
+def diffusion_report(tmp_path_factory):
+    """benchmarks/diffusion.py in its quick mode, sampling at 4 and 16 steps (seconds)."""
+    out = tmp_path_factory.mktemp("diffusion")
+    run([sys.executable, os.path.join(REPO, "benchmarks", "diffusion.py"), "--quick", "--steps-list", "4,16",
+         "--threads", "1", "--out", str(out)], dict(os.environ), cwd=REPO)
+    return out / "diffusion.json"
+
+
+def test_card_from_diffusion_benchmark(checkpoints, diffusion_report, tmp_path):
+    """ThoughtDiffusion's card: ELBO perplexity bounds and, at 16 steps with the block cache, sampling speed and
+    sample quality, from a real (quick) diffusion.json; the card says it is a quick run."""
+    data = json.load(open(diffusion_report))
+    card = build_card(checkpoints["thought_diffusion"][0], results=[str(diffusion_report)], repo_id="tester/td")
+    q, s16 = data["quality"], data["sampling"]["td_16_cache"]
+    assert [(r.task_name, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("Language modelling", "perplexity", round(q["thought_diffusion"]["perplexity"], 3)),
+        ("Language modelling", "perplexity", round(q["thought_diffusion_with_thought"]["perplexity"], 3)),
+        ("Sampling", "tokens_per_second", round(s16["tokens_per_s"], 4)),
+        ("Sampling", "speedup", round(s16["speed_ratio_vs_gpt2"], 4)),
+        ("Sampling", "perplexity", round(s16["sample_perplexity_under_gpt2"], 4)),
+        ("Sampling", "distinct_2", round(s16["distinct_2"], 4))]
+    text = str(card)
+    assert "Quick mode (`benchmarks/diffusion.py --quick`)" in text and "plots/diffusion.png" in text
+    assert f"perplexity {q['gpt2']['perplexity']:.3f}" in text  # the same-size GPT-2 of the same run
+    assert "pipeline_tag: fill-mask" in text and "Block Diffusion" in text and "AutoModelForMaskedLM" in text
+    # a run without 16 steps + cache: the perplexity bounds only, and the card says why
+    del data["sampling"]["td_16_cache"]
+    partial = tmp_path / "diffusion.json"
+    partial.write_text(json.dumps(data))
+    card = build_card(checkpoints["thought_diffusion"][0], results=[str(partial)])
+    assert [r.task_name for r in card.data.eval_results] == ["Language modelling"] * 2
+    assert "no sampling figures" in str(card)
+    with pytest.raises(ValueError, match="describes thought_diffusion checkpoints, not this agency_gpt2 one"):
+        build_card(checkpoints["agency_gpt2"][0], results=[str(diffusion_report)])
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_card_snippets_run(checkpoints, model_type):
+    """The card's Python snippets (load with armada, load with the checkpoint's own code, ThoughtDiffusion's
+    sampling) run against the checkpoint, in order, in one namespace."""
+    folder = checkpoints[model_type][0]
+    snippets = re.findall(r"```python\n(.*?)```", str(build_card(folder, repo_id=folder)), flags=re.S)
+    namespace = {}
+    for snippet in snippets:
+        exec(compile(snippet, f"{model_type} card snippet", "exec"), namespace)
+    assert len(snippets) == (3 if model_type == "thought_diffusion" else 2)
+    assert type(namespace["model"]).__module__.startswith("transformers_modules.")
 
 
 def test_cli_card(checkpoints, tmp_path):
