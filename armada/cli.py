@@ -235,7 +235,7 @@ def add_push_parser(sub):
     p.add_argument("--private", action="store_true", help="create the repo private (needs a token)")
     p.add_argument("--revision", help="branch to push to (created from main if missing); default main")
     p.add_argument("--results", nargs="+", default=[], metavar="JSON",
-                   help="results files for the model card (replaces the folder's README.md)")
+                   help="results files for the model card, as for `armada card` (replaces the folder's README.md)")
     p.add_argument("--message", help="commit message")
     p.set_defaults(func=cmd_push)
 
@@ -272,7 +272,9 @@ def add_card_parser(sub):
     p = sub.add_parser("card", help="write MODEL_DIR/README.md, a model card with the measured results")
     p.add_argument("model_dir")
     p.add_argument("--results", nargs="+", default=[], metavar="JSON",
-                   help="JSON written by armada's evaluation/benchmark code (examples/demo.py, benchmarks/...)")
+                   help="JSON written by armada's evaluation/benchmark code: examples/demo.py's demo_summary.json, "
+                        "the reports of benchmarks/{armt_babilong,armt_tasks,pruning_comparison,onnx_speed,diffusion}"
+                        ".py, or {\"eval_results\": [...]}")
     p.add_argument("--repo-id", help="Hub id used in the card's loading snippets (default: the folder's name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing README.md")
     p.set_defaults(func=cmd_card)

@@ -7,8 +7,11 @@ torch and transformers but not armada (built once under .cache/, reused between 
 """
 
 import ast
+import filecmp
+import inspect
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,13 +20,22 @@ import threading
 
 import pytest
 import torch
+import transformers
 from hub_server import HubServer
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from armada import ARCHITECTURES, AgencyGPT2Config, AgencyGPT2ForCausalLM, UnifiedARMTConfig, UnifiedARMTForCausalLM
+from armada import (
+    ARCHITECTURES,
+    AgencyGPT2Config,
+    AgencyGPT2ForCausalLM,
+    ThoughtDiffusionConfig,
+    ThoughtDiffusionForMaskedLM,
+    UnifiedARMTConfig,
+    UnifiedARMTForCausalLM,
+)
 from armada.hub import check_config, pull, push
-from armada.hub_cards import build_card, read_results
+from armada.hub_cards import architecture, build_card, head_auto_class, read_results
 from armada.tokenization import gpt2_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,24 +47,57 @@ def tiny_model(model_type, seed=0):
     if model_type == "agency_gpt2":
         model = AgencyGPT2ForCausalLM(AgencyGPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4))
         model.prune_heads({0: [1], 1: [0, 3]})  # pruned shapes must survive the round trip
-    else:
+    elif model_type == "unified_armt":
         model = UnifiedARMTForCausalLM(UnifiedARMTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                                          segment_size=8, num_memory_tokens=2, d_mem=8))
+    else:
+        mask = len(gpt2_tokenizer())  # [MASK] one past GPT-2's vocabulary, as checkpoint_tokenizer adds it
+        model = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(
+            vocab_size=mask + 1, mask_token_id=mask, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=96, block_length=8, thought_dims=[4, 4], thought_stack_size=2))
     return model.eval()
+
+
+ARCHS = ["agency_gpt2", "unified_armt", "thought_diffusion"]
+# model_type -> the Auto class of its head (AutoModelForCausalLM, AutoModelForMaskedLM for ThoughtDiffusion)
+AUTO = {model_type: getattr(transformers, head_auto_class(architecture(model_type)[1])) for model_type in ARCHS}
+
+def model_inputs(model, tokenizer, text):
+    """The tokenized text; a masked LM gets every second token masked (at unmasked positions its SUBS logits only
+    copy the input, whatever the weights). Its source is part of the scripts below that run in other processes."""
+    inputs = tokenizer(text, return_tensors="pt")
+    if type(model).__name__.endswith("ForMaskedLM"):
+        inputs["input_ids"][:, 1::2] = model.config.mask_token_id
+    return inputs
+
+
+INPUTS = inspect.getsource(model_inputs)
 
 
 def logits(model, tokenizer):
     with torch.no_grad():
-        return model(**tokenizer(TEXT, return_tensors="pt")).logits  # 22 tokens: 3 ARMT segments
+        return model(**model_inputs(model, tokenizer, TEXT)).logits  # 22 tokens: 3 ARMT segments
+
+
+def assert_same_logits(loaded, reference):
+    """Logits of a loaded checkpoint against the model that saved it. Its weights are the same bits, but they sit at
+    another memory alignment (safetensors maps the file), which can take a matmul down another kernel path:
+    ThoughtDiffusion's logits then differ by ~1.5e-7 (0 after cloning the loaded weights), rounding, not the trip."""
+    torch.testing.assert_close(loaded, reference, rtol=0, atol=1e-6)
+
+
+def checkpoint_tokenizer(model_type):
+    """The GPT-2 tokenizer, with [MASK] (id 50257) for ThoughtDiffusion, as examples/train_diffusion.py saves it."""
+    tokenizer = gpt2_tokenizer()
+    if model_type == "thought_diffusion":
+        tokenizer.add_special_tokens({"mask_token": "[MASK]"})
+    return tokenizer
 
 
 def save_checkpoint(model, path):
     model.save_pretrained(path)
-    gpt2_tokenizer().save_pretrained(path)
+    checkpoint_tokenizer(model.config.model_type).save_pretrained(path)
     return str(path)
-
-
-ARCHS = ["agency_gpt2", "unified_armt"]
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +156,7 @@ def test_saved_checkpoint_carries_flat_remote_code(checkpoints, model_type):
     folder, _ = checkpoints[model_type]
     config = json.load(open(os.path.join(folder, "config.json")))
     modules = {value.split(".")[0] for value in config["auto_map"].values()}
-    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", AUTO[model_type].__name__}
     assert all(value.count(".") == 1 for value in config["auto_map"].values())  # `module.Class`, one dot
     for module in modules:
         tree = ast.parse(open(os.path.join(folder, f"{module}.py")).read())
@@ -155,20 +200,20 @@ def bare_python():
     return python
 
 
-REMOTE_LOAD = """
-import json, sys, torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+REMOTE_LOAD = INPUTS + """
+import json, sys, torch, transformers
+from transformers import AutoTokenizer
 try:
     import armada
     sys.exit("armada is importable here")
 except ImportError:
     pass
 out = {}
-for repo_id in sys.argv[2:]:
-    model = AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True).eval()
+for auto_class, repo_id in (arg.split("=") for arg in sys.argv[2:]):
+    model = getattr(transformers, auto_class).from_pretrained(repo_id, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(repo_id)
     with torch.no_grad():
-        out[repo_id] = [type(model).__module__, model(**tokenizer(sys.argv[1], return_tensors="pt")).logits.tolist()]
+        out[repo_id] = [type(model).__module__, model(**model_inputs(model, tokenizer, sys.argv[1])).logits.tolist()]
 print(json.dumps(out))
 """
 
@@ -181,7 +226,8 @@ def test_remote_code_loads_without_armada(hub, checkpoints, tmp_path):
     env = cli_env(hub, tmp_path / "bare-home")
     script = tmp_path / "remote_load.py"
     script.write_text(REMOTE_LOAD)
-    proc = run([bare_python(), str(script), TEXT] + [f"tester/remote-{m}" for m in ARCHS], env, cwd=tmp_path)
+    repos = [f"{AUTO[m].__name__}=tester/remote-{m}" for m in ARCHS]
+    proc = run([bare_python(), str(script), TEXT] + repos, env, cwd=tmp_path)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for model_type in ARCHS:
         module, values = out[f"tester/remote-{model_type}"]
@@ -206,30 +252,30 @@ def test_push_pull_round_trip(hub_env, checkpoints, model_type, tmp_path):
     with pytest.raises(ValueError, match="overwrite"):
         pull(repo_id, out)
     assert pull(repo_id, out, overwrite=True) == out
-    model = AutoModelForCausalLM.from_pretrained(out).eval()  # armada installed: no trust_remote_code
+    assert filecmp.cmp(os.path.join(out, "model.safetensors"), os.path.join(folder, "model.safetensors"), False)
+    model = AUTO[model_type].from_pretrained(out).eval()  # armada installed: no trust_remote_code
     assert type(model).__module__.startswith("armada.")
-    torch.testing.assert_close(logits(model, AutoTokenizer.from_pretrained(out)), reference, rtol=0, atol=0)
+    assert_same_logits(logits(model, AutoTokenizer.from_pretrained(out)), reference)
 
     cache = str(tmp_path / "transformers-cache")
-    model = AutoModelForCausalLM.from_pretrained(repo_id, cache_dir=cache).eval()
-    torch.testing.assert_close(logits(model, AutoTokenizer.from_pretrained(repo_id, cache_dir=cache)), reference,
-                               rtol=0, atol=0)
+    model = AUTO[model_type].from_pretrained(repo_id, cache_dir=cache).eval()
+    assert_same_logits(logits(model, AutoTokenizer.from_pretrained(repo_id, cache_dir=cache)), reference)
     card = open(os.path.join(out, "README.md")).read()
     assert f'from_pretrained("{repo_id}", trust_remote_code=True)' in card
 
 
-OFFLINE_LOAD = """
-import json, sys, torch
+OFFLINE_LOAD = INPUTS + """
+import json, sys, torch, transformers
 import armada
 from armada.hub import pull
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 out = {}
-for repo_id in sys.argv[2:]:
+for auto_class, repo_id in (arg.split("=") for arg in sys.argv[2:]):
     folder = pull(repo_id, sys.argv[1] + "/" + repo_id.split("/")[1])   # from the cache, Hub unreachable
-    model = AutoModelForCausalLM.from_pretrained(repo_id).eval()
+    model = getattr(transformers, auto_class).from_pretrained(repo_id).eval()
     tokenizer = AutoTokenizer.from_pretrained(repo_id)
     with torch.no_grad():
-        out[repo_id] = model(**tokenizer(%r, return_tensors="pt")).logits.tolist()
+        out[repo_id] = model(**model_inputs(model, tokenizer, %r)).logits.tolist()
 print(json.dumps(out))
 """ % TEXT
 
@@ -251,10 +297,11 @@ def test_cli_push_pull_then_offline_from_cache(hub, checkpoints, tmp_path):
     del env["HF_TOKEN"]
     script = tmp_path / "offline_load.py"
     script.write_text(OFFLINE_LOAD)
-    proc = run([sys.executable, str(script), str(tmp_path / "offline")] + repos, env, cwd=tmp_path)
+    proc = run([sys.executable, str(script), str(tmp_path / "offline")]
+               + [f"{AUTO[m].__name__}={r}" for m, r in zip(ARCHS, repos)], env, cwd=tmp_path)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for model_type, repo_id in zip(ARCHS, repos):
-        torch.testing.assert_close(torch.tensor(out[repo_id]), checkpoints[model_type][1], rtol=0, atol=1e-6)
+        assert_same_logits(torch.tensor(out[repo_id]), checkpoints[model_type][1])
 
 
 def test_revisions_and_branches(hub_env, checkpoints, tmp_path):
@@ -419,8 +466,117 @@ def test_card_template_field_missing(checkpoints, tmp_path):
 def test_card_unknown_results_file(checkpoints, tmp_path):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"something": 1}))
-    with pytest.raises(ValueError, match="not one armada knows"):
+    with pytest.raises(ValueError, match="not one armada knows; allowed: .*`benchmarks/pruning_comparison.py`'s "
+                                         "pruning_comparison.json; .*`benchmarks/diffusion.py`'s diffusion.json"):
         build_card(checkpoints["agency_gpt2"][0], results=[str(path)])
+
+
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+
+
+def metrics(card):
+    """{metric name: value} of a card's EvalResults."""
+    return {r.metric_name: r.metric_value for r in card.data.eval_results}
+
+
+def test_card_from_armt_tasks(checkpoints):
+    """UnifiedARMT's card: every memory run's accuracy, and with the memory reset, from armt_tasks.json; the
+    full-attention controls (no memory) are not this model's. The model-index keeps each task apart."""
+    path = os.path.join(RESULTS, "armt_tasks.json")
+    runs = [r for r in json.load(open(path))["results"] if r["memory_init"] != "full_attention"]
+    card = build_card(checkpoints["unified_armt"][0], results=[path], repo_id="tester/armt")
+    got = metrics(card)
+    assert runs and len(got) == 2 * len(runs)
+    assert {f"accuracy ({r['name']})": r["accuracy"] for r in runs}.items() <= got.items()
+    assert {f"accuracy, memory reset at every segment ({r['name']})": r["accuracy_memory_reset"]
+            for r in runs}.items() <= got.items()
+    reparsed = ModelCard(str(card)).data.eval_results
+    assert len(reparsed) == len(got) and all(r.dataset_config in r.dataset_name for r in reparsed)
+    assert "plots/armt_tasks.png" in str(card) and "CurriculumTrainer" in str(card)
+
+
+def test_card_from_pruning_comparison(checkpoints):
+    """AgencyGPT2's card: perplexity of every AgencyGPT2 row (strategy, level, recovery) of pruning_comparison.json;
+    the GPT-2 rows are the reference, in the training lines."""
+    path = os.path.join(RESULTS, "pruning_comparison.json")
+    data = json.load(open(path))
+    rows = [r for r in data["rows"] if r["variant"] in ("agency", "agency_distilled", "curriculum")]
+    card = build_card(checkpoints["agency_gpt2"][0], results=[path])
+    assert rows and [(r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("perplexity", round(r["perplexity"], 3)) for r in rows]
+    distilled = next(r for r in rows if r["variant"] == "agency_distilled" and r["level"] == 0.5)
+    assert (f"perplexity ({distilled['strategy']}, 50% of heads pruned, distillation recovery, heads per layer "
+            f"{distilled['heads_per_layer']})") in metrics(card)
+    text = str(card)
+    assert "plots/pruning_perplexity.png" in text and f"{data['training']['tokens']:,} tokens" in text
+    with pytest.raises(ValueError, match="describes agency_gpt2 checkpoints, not this unified_armt one"):
+        build_card(checkpoints["unified_armt"][0], results=[path])
+
+
+def test_card_from_onnx_speed(checkpoints):
+    """ONNX Runtime fp32 / int8 vs PyTorch (generate, forward, file size) for the families of the checkpoint's
+    architecture in onnx_speed.json; optimum's GPT-2 (the peer) is not one; no family of it: an error."""
+    path = os.path.join(RESULTS, "onnx_speed", "onnx_speed.json")
+    data = json.load(open(path))
+    families = [f for f in data["results"] if data["exports"][f].get("model_type") == "agency_gpt2"]
+    card = build_card(checkpoints["agency_gpt2"][0], results=[path])
+    entries = [data["results"][f][kind] for f in families for kind in ("onnx", "int8")]
+    expected = [round(v, 4) for e in entries for v in (e["generate"]["vs_pt"], e["forward"]["vs_pt"], e["size_vs_pt"])]
+    assert families and [r.metric_value for r in card.data.eval_results] == expected
+    assert all(r.metric_name.endswith(tuple(f"({f})" for f in families)) for r in card.data.eval_results)
+    assert "plots/onnx_speed.png" in str(card)
+    with pytest.raises(ValueError, match="no ONNX figures for thought_diffusion"):
+        build_card(checkpoints["thought_diffusion"][0], results=[path])
+
+
+@pytest.fixture(scope="module")
+def diffusion_report(tmp_path_factory):
+    """benchmarks/diffusion.py in its quick mode, sampling at 4 and 16 steps (seconds)."""
+    out = tmp_path_factory.mktemp("diffusion")
+    run([sys.executable, os.path.join(REPO, "benchmarks", "diffusion.py"), "--quick", "--steps-list", "4,16",
+         "--threads", "1", "--out", str(out)], dict(os.environ), cwd=REPO)
+    return out / "diffusion.json"
+
+
+def test_card_from_diffusion_benchmark(checkpoints, diffusion_report, tmp_path):
+    """ThoughtDiffusion's card: ELBO perplexity bounds and, at 16 steps with the block cache, sampling speed and
+    sample quality, from a real (quick) diffusion.json; the card says it is a quick run."""
+    data = json.load(open(diffusion_report))
+    card = build_card(checkpoints["thought_diffusion"][0], results=[str(diffusion_report)], repo_id="tester/td")
+    q, s16 = data["quality"], data["sampling"]["td_16_cache"]
+    assert [(r.task_name, r.metric_type, r.metric_value) for r in card.data.eval_results] == [
+        ("Language modelling", "perplexity", round(q["thought_diffusion"]["perplexity"], 3)),
+        ("Language modelling", "perplexity", round(q["thought_diffusion_with_thought"]["perplexity"], 3)),
+        ("Sampling", "tokens_per_second", round(s16["tokens_per_s"], 4)),
+        ("Sampling", "speedup", round(s16["speed_ratio_vs_gpt2"], 4)),
+        ("Sampling", "perplexity", round(s16["sample_perplexity_under_gpt2"], 4)),
+        ("Sampling", "distinct_2", round(s16["distinct_2"], 4))]
+    text = str(card)
+    assert "Quick mode (`benchmarks/diffusion.py --quick`)" in text and "plots/diffusion.png" in text
+    assert f"perplexity {q['gpt2']['perplexity']:.3f}" in text  # the same-size GPT-2 of the same run
+    assert "pipeline_tag: fill-mask" in text and "Block Diffusion" in text and "AutoModelForMaskedLM" in text
+    # a run without 16 steps + cache: the perplexity bounds only, and the card says why
+    del data["sampling"]["td_16_cache"]
+    partial = tmp_path / "diffusion.json"
+    partial.write_text(json.dumps(data))
+    card = build_card(checkpoints["thought_diffusion"][0], results=[str(partial)])
+    assert [r.task_name for r in card.data.eval_results] == ["Language modelling"] * 2
+    assert "no sampling figures" in str(card)
+    with pytest.raises(ValueError, match="describes thought_diffusion checkpoints, not this agency_gpt2 one"):
+        build_card(checkpoints["agency_gpt2"][0], results=[str(diffusion_report)])
+
+
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_card_snippets_run(checkpoints, model_type):
+    """The card's Python snippets (load with armada, load with the checkpoint's own code, ThoughtDiffusion's
+    sampling) run against the checkpoint, in order, in one namespace."""
+    folder = checkpoints[model_type][0]
+    snippets = re.findall(r"```python\n(.*?)```", str(build_card(folder, repo_id=folder)), flags=re.S)
+    namespace = {}
+    for snippet in snippets:
+        exec(compile(snippet, f"{model_type} card snippet", "exec"), namespace)
+    assert len(snippets) == (3 if model_type == "thought_diffusion" else 2)
+    assert type(namespace["model"]).__module__.startswith("transformers_modules.")
 
 
 def test_cli_card(checkpoints, tmp_path):
