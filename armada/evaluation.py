@@ -179,6 +179,25 @@ def generation_speed(model, prompt_ids: torch.Tensor, new_tokens: int = 64, repe
     return {"tokens_per_s": tokens / seconds, "seconds": seconds, "new_tokens": tokens, "repeats": repeats}
 
 
+def saved_activation_bytes(step) -> int:
+    """Bytes of the tensors autograd saves for the backward pass while `step()` runs its forward (and backward):
+    the activation memory of a training step, counted exactly (each storage once) through
+    `torch.autograd.graph.saved_tensors_hooks`. What gradient checkpointing reduces; unlike process RSS it does
+    not depend on what the allocator kept from earlier steps."""
+    seen, total = set(), [0]
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total[0] += storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        step()
+    return total[0]
+
+
 def _rss_bytes() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -220,4 +239,4 @@ def peak_memory(device: Optional[torch.device] = None, interval: float = 0.005):
 
 
 __all__ = ["perplexity", "perplexity_on_blocks", "diffusion_elbo_perplexity", "lexical_diversity", "generate_texts",
-           "generation_speed", "peak_memory", "DEFAULT_PROMPTS"]
+           "generation_speed", "peak_memory", "saved_activation_bytes", "DEFAULT_PROMPTS"]

@@ -233,3 +233,16 @@ def check_checkpoint_folder(path: str):
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
             check_safetensors_file(os.path.join(path, name))
+
+
+def weights_digest(model) -> str:
+    """sha256 over a model's state dict (names and bytes, in name order): equal digests mean equal weights, e.g.
+    on every rank of a distributed run, or before and after a resumed training."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+

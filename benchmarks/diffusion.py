@@ -16,9 +16,9 @@ wikitext-2 text:
             (shuffled, one prompt per round), a speed ratio is the median over rounds of the ratio measured in the
             same round (paired: the machine is shared, its speed drifts). The same samples give sample quality:
             perplexity of the new tokens under the trained GPT-2, and distinct-2
-  claims    gradient checkpointing's peak-memory saving on one training step (process RSS, median of rounds), bf16
-            autocast vs fp32 training-step and forward time (paired rounds), the vectorized thought encoder vs a
-            per-slot Python loop (paired rounds; outputs checked equal)
+  claims    gradient checkpointing's memory saving on one training step (bytes saved for backward, exact; and the
+            process's peak RSS growth), bf16 autocast vs fp32 training-step and forward time (paired rounds), the
+            vectorized thought encoder vs a per-slot Python loop (paired rounds; outputs checked equal)
 
 Writes diffusion.json, diffusion.png and diffusion.md to --out (default outputs/diffusion; an existing report is
 refused unless --overwrite; benchmarks/results/diffusion only with --update-committed-results). Exits non-zero
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from armada import ThoughtDiffusionConfig, ThoughtDiffusionForMaskedLM, ThoughtStack
-from armada.evaluation import diffusion_elbo_perplexity, lexical_diversity, peak_memory
+from armada.evaluation import diffusion_elbo_perplexity, lexical_diversity, peak_memory, saved_activation_bytes
 from armada.tokenization import gpt2_tokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -294,21 +294,27 @@ def paired_rounds(functions, rounds, seed):
 
 
 def checkpointing_memory(model, batch, rounds):
-    peaks = {False: [], True: []}
-    for _ in range(rounds):
-        for enabled in (False, True):
-            if enabled:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                model.gradient_checkpointing_disable()
+    """Activation memory of one training step (bytes autograd saves for backward, counted exactly) with and without
+    gradient checkpointing, and the process's peak RSS growth during the step (median of rounds; coarse: the
+    allocator keeps memory from earlier steps)."""
+    saved, peaks = {}, {False: [], True: []}
+    for enabled in (False, True):
+        if enabled:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_disable()
+        torch.manual_seed(0)
+        saved[enabled] = saved_activation_bytes(lambda: one_training_step(model, batch)) / 2**20
+        for _ in range(rounds):
             torch.manual_seed(0)
             with peak_memory() as memory:
                 one_training_step(model, batch)
             peaks[enabled].append(memory["peak_delta_bytes"] / 2**20)
     model.gradient_checkpointing_disable()
-    plain, checkpointed = statistics.median(peaks[False]), statistics.median(peaks[True])
-    return {"peak_delta_mib": plain, "peak_delta_mib_checkpointing": checkpointed,
-            "saving": 1 - checkpointed / plain if plain > 0 else None, "batch": list(batch.shape), "rounds": rounds}
+    return {"saved_for_backward_mib": saved[False], "saved_for_backward_mib_checkpointing": saved[True],
+            "saving": 1 - saved[True] / saved[False], "peak_rss_delta_mib": statistics.median(peaks[False]),
+            "peak_rss_delta_mib_checkpointing": statistics.median(peaks[True]), "batch": list(batch.shape),
+            "rounds": rounds}
 
 
 def encode_slots_one_at_a_time(encoder, stack):
@@ -425,8 +431,10 @@ def markdown(report):
                      f"{r['distinct_2']:.3f} |")
     c = report["claims"]
     g = c["gradient_checkpointing"]
-    lines += ["", f"- gradient checkpointing: peak RSS delta {g['peak_delta_mib']:.0f} MiB -> "
-              f"{g['peak_delta_mib_checkpointing']:.0f} MiB per training step (batch {g['batch']})",
+    lines += ["", f"- gradient checkpointing: activations saved for backward {g['saved_for_backward_mib']:.0f} MiB -> "
+              f"{g['saved_for_backward_mib_checkpointing']:.0f} MiB per training step ({g['saving']:.0%} less; batch "
+              f"{g['batch']}); peak RSS growth {g['peak_rss_delta_mib']:.0f} -> "
+              f"{g['peak_rss_delta_mib_checkpointing']:.0f} MiB",
               f"- bf16 autocast vs fp32: training step {c['bf16_training_step']['bf16_autocast']['ratio_to_fp32']:.2f}x"
               f", forward {c['bf16_forward']['bf16_autocast']['ratio_to_fp32']:.2f}x the fp32 speed",
               f"- vectorized encoder vs per-slot loop: {c['encoder']['vectorized']['ratio_to_per_slot_loop']:.1f}x "

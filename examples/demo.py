@@ -1,9 +1,10 @@
 """armada demo (`make demo`): train a small GPT-2, convert it to AgencyGPT2, prune half its heads two ways,
 compare perplexity / size / speed with the unpruned GPT-2, save the best, reload it through the Auto classes and
 generate, export it to ONNX int8 (parity checked) and generate from the int8 file with ONNX Runtime; then train a
-tiny UnifiedARMT whose answers must cross segments through its memory, and a tiny ThoughtDiffusion. Runs offline on
-CPU. Training takes a fixed 3 minutes; the whole demo took 5 min 15 s on 2 idle cores (2026-12-01) and far longer
-on a busy machine (benchmarks/README.md has the measured runs).
+tiny UnifiedARMT whose answers must cross segments through its memory, and a tiny ThoughtDiffusion (sampled with its
+denoising history shown). Each saved model (`<output-dir>`, `<output-dir>_armt`, `<output-dir>_diffusion`) gets a
+model card built from its measured results and an int8 ONNX export beside it (`..._onnx`) that ONNX Runtime runs.
+Runs offline on CPU. GPT-2 training takes a fixed 3 minutes; benchmarks/README.md has the measured runs.
 
 Generation speed is measured as benchmarks/agency_speed.py does (benchmarks/common.py): the models take turns in
 interleaved rounds (a new order each round), and each speed-up is the median over rounds of two speeds measured in

@@ -18,7 +18,6 @@ Without --model_name_or_path a GPT-2 of the given size is built from scratch (GP
 Training text defaults to ../shared/data/tinyshakespeare/input.txt; any text file, folder or `datasets` Hub id works.
 """
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from transformers.utils import logging
 import armada  # noqa: F401  (registers the Auto classes)
 from armada import AgencyGPT2ForCausalLM
 from armada.data import build_lm_datasets
-from armada.io_utils import atomic_write_text
+from armada.io_utils import atomic_write_text, weights_digest
 from armada.tokenization import gpt2_tokenizer
 from armada.trainers import (
     AgencyCallback,
@@ -131,14 +130,6 @@ def curriculum_budget_note(n_stages: int, steps_per_stage: int, max_steps: int) 
                 f"{-(-max_steps // n_stages)} (or --max_steps {total}).")
     return (f"--max_steps {max_steps} stops training in stage {max_steps // steps_per_stage + 1} of {n_stages} "
             f"({n_stages} stages x {steps_per_stage} steps = {total}); the later stages never run.")
-
-
-def weights_digest(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def main(argv=None):

@@ -4,10 +4,12 @@ accelerate:
     python examples/train_diffusion.py --output_dir runs/diffusion --max_steps 200
     python examples/train_diffusion.py --output_dir runs/diffusion --block_length 16 --max_steps 200 \
         --curriculum '[{"max_steps": 100, "max_train_time": 0.5, "thought_loss_weight": 0}, {"max_train_time": 1.0}]'
-    accelerate launch --multi_gpu --num_processes 2 examples/train_diffusion.py --use_cpu --output_dir runs/ddp
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
+        examples/train_diffusion.py --use_cpu --output_dir runs/ddp --max_steps 200
 
 Every log record holds the loss parts (`diffusion_loss`, `elbo`, thought terms, `mask_rate`), `thought_norm` and
-`peak_memory_mib`; `--report_to tensorboard` writes them under `<output_dir>/runs` (offline). The tokenizer is
+`peak_memory_mib`; every rank writes `summary_rank<r>.json` (its weights' sha256: equal on all ranks under DDP);
+`--report_to tensorboard` writes them under `<output_dir>/runs` (offline). The tokenizer is
 GPT-2's (local files) plus a `[MASK]` token; text defaults to ../shared/data/tinyshakespeare/input.txt, any text
 file, folder or `datasets` Hub id works. At the end the model is saved to `<output_dir>/final` with the tokenizer
 (ready for `pipeline("fill-mask")`) and a sample is printed.
@@ -25,7 +27,7 @@ from transformers.integrations import get_reporting_integration_callbacks
 import armada  # noqa: F401  (registers the Auto classes)
 from armada import ThoughtDiffusionConfig, ThoughtDiffusionForMaskedLM
 from armada.data import build_lm_datasets
-from armada.io_utils import atomic_write_text
+from armada.io_utils import atomic_write_text, weights_digest
 from armada.tokenization import gpt2_tokenizer
 from armada.trainers import DiffusionCurriculumTrainer, DiffusionTrainer, config_stage
 
@@ -131,8 +133,10 @@ def main(argv=None):
     trainer = DiffusionCurriculumTrainer(curriculum=stages, **kwargs) if stages else DiffusionTrainer(**kwargs)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     metrics = trainer.evaluate()
+    rank = training_args.process_index
     summary = {"global_step": trainer.state.global_step, "metrics": metrics,
-               "log_history": trainer.state.log_history, "world_size": training_args.world_size}
+               "log_history": trainer.state.log_history, "rank": rank, "world_size": training_args.world_size,
+               "weights_sha256": weights_digest(model)}
     if stages:
         summary["curriculum"] = trainer.curriculum_history
     if trainer.is_world_process_zero():
@@ -147,6 +151,9 @@ def main(argv=None):
             print(summary["sample"])
         atomic_write_text(os.path.join(training_args.output_dir, "summary.json"),
                           json.dumps(summary, indent=2, default=str))
+    # every rank: its view of the run (under DDP the ranks must end with the same weights)
+    atomic_write_text(os.path.join(training_args.output_dir, f"summary_rank{rank}.json"),
+                      json.dumps({k: summary[k] for k in ("rank", "world_size", "global_step", "weights_sha256")}))
     return summary
 
 

@@ -1,6 +1,10 @@
 """Fixtures shared across the suite: the package's GPT-2 tokenizer and tiny seeded GPT-2s (CPU-sized, no Hub)."""
 
+import ast
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,3 +32,27 @@ def tiny_gpt2():
                                           **config))
 
     return make
+
+
+@pytest.fixture
+def documented_launch():
+    """Runs the `accelerate launch` command of an example script's docstring (2 CPU processes) with this run's
+    output folder, step budget and extra arguments; returns the per-rank summaries (`summary_rank<r>.json`)."""
+
+    def run(script, output_dir, extra, max_steps=4):
+        path = os.path.join(REPO, "examples", script)
+        with open(path, encoding="utf-8") as f:
+            doc = ast.get_docstring(ast.parse(f.read())).replace("\\\n", " ")
+        cmd = next(line.split() for line in doc.splitlines() if line.strip().startswith("accelerate launch"))
+        assert cmd[cmd.index("--num_processes") + 1] == "2"
+        cmd[0] = os.path.join(os.path.dirname(sys.executable), "accelerate")
+        cmd[cmd.index(f"examples/{script}")] = path
+        cmd[cmd.index("--output_dir") + 1] = str(output_dir)
+        cmd[cmd.index("--max_steps") + 1] = str(max_steps)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd + list(extra), check=True, capture_output=True, text=True, timeout=600, env=env,
+                       cwd=str(output_dir))
+        return [json.load(open(os.path.join(output_dir, f"summary_rank{r}.json"))) for r in (0, 1)]
+
+    return run
+

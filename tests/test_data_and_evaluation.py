@@ -100,3 +100,17 @@ def test_generation_helpers(model, gpt2_tok):
         big += 1
     del big
     assert mem["kind"] == "rss" and mem["peak_delta_bytes"] > 200 * 2**20
+
+
+def test_saved_activation_bytes_counts_what_checkpointing_saves():
+    from torch.utils.checkpoint import checkpoint
+
+    from armada.evaluation import saved_activation_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64))
+    x = torch.randn(32, 64)
+    plain = saved_activation_bytes(lambda: model(x).sum().backward())
+    checkpointed = saved_activation_bytes(lambda: checkpoint(model, x, use_reentrant=False).sum().backward())
+    assert plain >= 32 * 256 * 4 * 2  # at least the hidden pre- and post-activation
+    assert checkpointed < plain / 2

@@ -1,6 +1,5 @@
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -31,25 +30,10 @@ def test_distillation_with_pruning_curriculum(tmp_path, text_file):
     assert json.load(open(tmp_path / "summary_rank0.json"))["weights_sha256"] == summary["weights_sha256"]
 
 
-def documented_command(prefix):
-    """The command of the script's docstring that starts with `prefix` (backslash continuations joined)."""
-    import train_agency
-
-    text = train_agency.__doc__.replace("\\\n", " ")
-    return next(line.split() for line in text.splitlines() if line.strip().startswith(prefix))
-
-
-def test_documented_two_process_launch_runs_two_processes_that_agree(tmp_path, text_file):
-    cmd = documented_command("accelerate launch")
-    assert cmd[cmd.index("--num_processes") + 1] == "2"
-    cmd[0] = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd[cmd.index("examples/train_agency.py")] = SCRIPT
-    cmd[cmd.index("--output_dir") + 1] = str(tmp_path)
-    cmd[cmd.index("--max_steps") + 1] = "4"
-    cmd += ["--train_file", text_file, "--distill", "--curriculum_levels", "0,0.25", "--steps_per_stage", "2", *TINY]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
-    ranks = [json.load(open(tmp_path / f"summary_rank{r}.json")) for r in (0, 1)]
+def test_documented_two_process_launch_runs_two_processes_that_agree(tmp_path, text_file, documented_launch):
+    ranks = documented_launch("train_agency.py", tmp_path, ["--train_file", text_file, "--distill",
+                                                            "--curriculum_levels", "0,0.25", "--steps_per_stage", "2",
+                                                            *TINY])
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
 

@@ -44,6 +44,14 @@ def test_curriculum_changes_the_config_and_parts_are_logged(tmp_path, text_file)
     assert json.load(open(tmp_path / "summary.json"))["global_step"] == 4
 
 
+def test_documented_two_process_launch_trains_with_ddp(tmp_path, text_file, documented_launch):
+    ranks = documented_launch("train_diffusion.py", tmp_path, ["--train_file", text_file, "--block_length", "8",
+                                                               "--report_to", "none", *TINY])
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["global_step"] for r in ranks] == [4, 4]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # DDP kept the two replicas equal
+    assert os.path.isfile(tmp_path / "final" / "model.safetensors")
+
+
 @pytest.mark.parametrize("args, message", [
     (["--curriculum", "[{\"max_steps\": 2, \"noise_schedule\": \"linear\"}]"], "noise_schedule"),
     (["--curriculum", "not json"], "JSON list"),
