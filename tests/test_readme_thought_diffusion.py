@@ -16,8 +16,9 @@ def test_thought_diffusion_snippet_runs():
     assert not (namespace["result"].sequences == 999).any()
 
 
-def test_demo_diffusion_step(capsys):
-    """`make demo`'s ThoughtDiffusion step on a few random GPT-2 blocks: trains, samples, prints the history."""
+def test_demo_diffusion_step(capsys, tmp_path):
+    """`make demo`'s ThoughtDiffusion step on a few random GPT-2 blocks: trains, samples, prints the history, saves
+    the model with its card and runs its int8 ONNX export."""
     import sys
     from types import SimpleNamespace
 
@@ -29,7 +30,10 @@ def test_demo_diffusion_step(capsys):
     from armada.tokenization import gpt2_tokenizer
 
     train = torch.randint(0, 50257, (16, 128), generator=torch.Generator().manual_seed(0))
-    info = diffusion_demo(train, gpt2_tokenizer(), SimpleNamespace(diffusion_steps=2, seed=0))
+    args = SimpleNamespace(diffusion_steps=2, seed=0, output_dir=str(tmp_path / "demo"))
+    info = diffusion_demo(train, {"held-out": train[:4]}, gpt2_tokenizer(), args)
     printed = capsys.readouterr().out
     assert info["steps"] == 2 and info["forward_passes"] == 8
     assert printed.count("block ") == 8 and "_" in printed.split("block 0 step 0:")[1].splitlines()[0]
+    assert info["saved_to"] == str(tmp_path / "demo_diffusion") and (tmp_path / "demo_diffusion" / "README.md").exists()
+    assert info["onnx"]["report"]["fp32"]["pass"] and 0 <= info["onnx"]["int8_greedy_agreement"] <= 1
