@@ -2,10 +2,13 @@
 
 Families (random-init weights, seeded: speed and size do not depend on the weights' values; parity is checked by
 `export_onnx` at export and greedy outputs are compared below):
-  agency      AgencyGPT2 on the GPT-2 124M shape, unpruned (from_gpt2 of a random GPT2LMHeadModel)
+  agency      AgencyGPT2 on the GPT-2 124M shape, unpruned (from_gpt2 of a random GPT2LMHeadModel); ONNX through
+              armada.onnxruntime.ORTAgencyGPT2ForCausalLM (every armada family uses its armada ORT class)
   agency50    the same with 50% of the heads pruned (select_heads(score_heads(model, "magnitude"), 0.5), global)
   gpt2        stock GPT2LMHeadModel exported by optimum (onnx_export_from_model, text-generation-with-past) and
-              quantized with the same ORTQuantizer config: the peer
+              quantized with the same ORTQuantizer config: the peer, run by optimum's ORTModelForCausalLM with the
+              generation-loop setting of armada's ORT classes (`armada.onnxruntime.torch_threads(1)` around
+              generate; benchmarks/ort_threads.py measures what it is worth)
   armt        UnifiedARMT at the size of benchmarks/armt_scaling.py (256 wide, 4 layers, 4 heads, segment 512,
               16 memory tokens, GPT-2 vocabulary)
   diffusion   ThoughtDiffusion at the size of benchmarks/diffusion.py (128 wide, 4 layers, 4 heads, blocks of 16,
@@ -159,7 +162,7 @@ def load_ort(name, path, threads):
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    cls = {"gpt2": ORTModelForCausalLM, "agency": ORTModelForCausalLM, "agency50": ORTAgencyGPT2ForCausalLM,
+    cls = {"gpt2": ORTModelForCausalLM, "agency": ORTAgencyGPT2ForCausalLM, "agency50": ORTAgencyGPT2ForCausalLM,
            "armt": ORTUnifiedARMTForCausalLM, "diffusion": ORTThoughtDiffusionForMaskedLM}[name]
     return cls.from_pretrained(os.path.dirname(path), file_name=os.path.basename(path), session_options=options)
 
@@ -188,6 +191,7 @@ def measure(args, models, work, started, load_before):
     import armada  # noqa: F401
     from armada.export import cpu_instruction_set
     from armada.io_utils import atomic_savefig, atomic_write_text
+    from armada.onnxruntime import torch_threads
 
     files, reports = export_all(models, work, args)
     variants = {}
@@ -215,6 +219,9 @@ def measure(args, models, work, started, load_before):
         return model(input_ids=fwd_ids, attention_mask=torch.ones_like(fwd_ids), use_cache=False)
 
     def run_generate(key):
+        if key[0] == "gpt2" and key[1] != "pt":  # the peer with the generation-loop setting armada's classes use
+            with torch_threads(1):
+                return variants[key].generate(prompt, **gen_kwargs)
         if key[0] == "diffusion":
             return variants[key].generate_with_stack(prompt, max_new_tokens=new_tokens, num_steps=denoising_steps,
                                                      top_k=1).sequences

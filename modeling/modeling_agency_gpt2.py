@@ -501,26 +501,14 @@ class AgencyGPT2PreTrainedModel(PreTrainedModel):
     def agency_report(self) -> dict:
         """Per-head state, gate, consent, utilization and importance, plus counts per state."""
         base = self.base_model
-        pruned = self.pruned_head_mask()
-        states = base.head_state.cpu()
-        gates = base.head_gates.detach().float().cpu()
-        heads = []
-        for layer in range(self.config.n_layer):
-            for head in range(self.config.n_head):
-                heads.append(
-                    {
-                        "layer": layer,
-                        "head": head,
-                        "state": "pruned" if pruned[layer, head] else AGENCY_STATES[int(states[layer, head])],
-                        "gate": float(gates[layer, head]),
-                        "consent": bool(base.consent[layer, head] > 0),
-                        "utilization": float(base.utilization[layer, head]),
-                        "importance": float(base.importance[layer, head]),
-                    }
-                )
-        counts = {name: 0 for name in (*AGENCY_STATES, "pruned")}
-        for entry in heads:
-            counts[entry["state"]] += 1
+        labels = (*AGENCY_STATES, "pruned")
+        state = torch.where(self.pruned_head_mask(), len(AGENCY_STATES), base.head_state.long()).cpu()
+        layer, head = torch.meshgrid(torch.arange(self.config.n_layer), torch.arange(self.config.n_head), indexing="ij")
+        columns = {"layer": layer, "head": head, "state": state, "gate": base.head_gates.detach().float(),
+                   "consent": base.consent > 0, "utilization": base.utilization, "importance": base.importance}
+        rows = zip(*(column.flatten().tolist() for column in columns.values()))
+        heads = [{**dict(zip(columns, row)), "state": labels[row[2]]} for row in rows]
+        counts = dict(zip(labels, torch.bincount(state.flatten(), minlength=len(labels)).tolist()))
         return {"heads": heads, "counts": counts, "heads_per_layer": self.num_heads_per_layer()}
 
 

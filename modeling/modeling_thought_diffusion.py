@@ -321,8 +321,7 @@ class TimestepEmbedding(nn.Module):
     def forward(self, t, dtype):
         angles = 1000 * t.float().unsqueeze(-1) * self.frequencies
         features = torch.cat([angles.cos(), angles.sin()], dim=-1)
-        if features.shape[-1] < self.linear_1.in_features:  # odd hidden size
-            features = F.pad(features, (0, 1))
+        features = F.pad(features, (0, self.linear_1.in_features - 2 * self.frequencies.numel()))  # odd hidden size
         return self.linear_2(F.silu(self.linear_1(features.to(dtype))))
 
 

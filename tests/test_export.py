@@ -419,3 +419,24 @@ def test_pruned_to_the_same_head_count_in_every_layer_exports(tmp_path):
     model.save_pretrained(tmp_path / "m")
     report = export_onnx(str(tmp_path / "m"), str(tmp_path / "o"), sample_ids=torch.randint(0, 256, (64,)))
     assert report["fp32"]["max_abs_logit_diff"] <= 1e-4
+
+
+def test_ort_generation_runs_torch_single_threaded_and_restores(agency_export, armt_export, diffusion_export):
+    """armada's ORT classes generate under torch_threads(1) (benchmarks/ort_threads.py says why) and put the
+    process's torch thread count back afterwards, also when generation fails."""
+    from armada.onnxruntime import torch_threads
+
+    before = torch.get_num_threads()
+    seen = []
+    models = [ORTAgencyGPT2ForCausalLM.from_pretrained(agency_export[1]),
+              ORTUnifiedARMTForCausalLM.from_pretrained(armt_export[1]),
+              ORTThoughtDiffusionForMaskedLM.from_pretrained(diffusion_export[1])]
+    for model in models:
+        run = model.session.run
+        model.session.run = lambda *a, run=run, **k: seen.append(torch.get_num_threads()) or run(*a, **k)
+        model.generate(prompt(), max_new_tokens=8)
+        assert torch.get_num_threads() == before
+    assert seen and set(seen) == {1}
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
