@@ -513,7 +513,7 @@ def test_card_from_pruning_comparison(checkpoints):
         build_card(checkpoints["unified_armt"][0], results=[path])
 
 
-def test_card_from_onnx_speed(checkpoints):
+def test_card_from_onnx_speed(checkpoints, tmp_path):
     """ONNX Runtime fp32 / int8 vs PyTorch (generate, forward, file size) for the families of the checkpoint's
     architecture in onnx_speed.json; optimum's GPT-2 (the peer) is not one; no family of it: an error."""
     path = os.path.join(RESULTS, "onnx_speed", "onnx_speed.json")
@@ -525,8 +525,12 @@ def test_card_from_onnx_speed(checkpoints):
     assert families and [r.metric_value for r in card.data.eval_results] == expected
     assert all(r.metric_name.endswith(tuple(f"({f})" for f in families)) for r in card.data.eval_results)
     assert "plots/onnx_speed.png" in str(card)
+    diffusion = build_card(checkpoints["thought_diffusion"][0], results=[path]).data.eval_results
+    assert diffusion and all(r.metric_name.endswith("(diffusion)") for r in diffusion)
+    only_agency = dict(data, results={f: data["results"][f] for f in ("gpt2", *families)})
+    (tmp_path / "onnx_speed.json").write_text(json.dumps(only_agency))
     with pytest.raises(ValueError, match="no ONNX figures for thought_diffusion"):
-        build_card(checkpoints["thought_diffusion"][0], results=[path])
+        build_card(checkpoints["thought_diffusion"][0], results=[str(tmp_path / "onnx_speed.json")])
 
 
 @pytest.fixture(scope="module")
