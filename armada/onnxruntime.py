@@ -29,8 +29,8 @@ from armada import ThoughtDiffusionForMaskedLM, UnifiedARMTForCausalLM
 from armada.modeling.modeling_thought_diffusion import (
     ThoughtDiffusionBlockCache,
     ThoughtDiffusionMaskedLMOutput,
+    ThoughtDiffusionModel,
     ThoughtStack,
-    time_for_mask_rate,
 )
 
 from .export.onnx_configs import (
@@ -268,15 +268,13 @@ class ORTThoughtDiffusionForMaskedLM(ORTModel):
         mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask).long()
         if mask.shape != ids.shape:
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(ids.shape)}")
+        # the PyTorch model's defaults (its methods read only the config)
         if position_ids is None:
-            position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+            position_ids = ThoughtDiffusionModel.default_positions(self, ids, mask)
         if block_ids is None:
-            block_ids = (torch.as_tensor(position_ids) // cfg.block_length if cfg.block_length is not None
-                         else torch.zeros_like(ids))
+            block_ids = ThoughtDiffusionModel.default_blocks(self, torch.as_tensor(position_ids))
         if timesteps is None:
-            valid = mask.bool()
-            rate = ((ids == cfg.mask_token_id) & valid).sum(1) / valid.sum(1).clamp_min(1)
-            timesteps = time_for_mask_rate(rate.float(), cfg.noise_schedule).clamp_min(cfg.sampling_eps)
+            timesteps = ThoughtDiffusionModel.estimate_timesteps(self, ids, mask)
         cache = past_key_values if past_key_values is not None else self._empty_cache(batch)
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "block_ids": block_ids,
                 "timesteps": torch.as_tensor(timesteps, dtype=torch.float32).expand(batch),
