@@ -2,10 +2,11 @@
 
 One run, on the GPT-2 BPE (restricted to the token types of the text, see `Vocabulary`) and the shared
 wikitext-2 text:
-  train     ThoughtDiffusion (block-causal, block 16, thought stack 8), the same with `thought_stack_size=0`
-            (ablation) and GPT2LMHeadModel, same width/depth/heads, on the same blocks of wikitext-2/valid.txt in
-            the same order (same token budget; a plain AdamW loop, identical for the three, rather than Trainer,
-            so that nothing but the model differs)
+  train     ThoughtDiffusion (block-causal, block 16, thought stack 8, rotary positions), the same with
+            `thought_stack_size=0` and with a learned position table (`position_embedding_type="absolute"`, as
+            GPT-2) (ablations), and GPT2LMHeadModel, same width/depth/heads, on the same blocks of
+            wikitext-2/valid.txt in the same order (same token budget; a plain AdamW loop, identical for all, rather
+            than Trainer, so that nothing but the model differs)
   quality   the diffusion models' ELBO perplexity bound on a fixed subset of wikitext-2/test.txt (the first
             --eval-blocks blocks; t on a fixed midpoint grid of --elbo-t values, seeded masks), empty stack and
             with one self-conditioning thought (a noisier pass first, as in training); GPT-2's perplexity on the
@@ -24,7 +25,7 @@ Writes diffusion.json, diffusion.png and diffusion.md to --out (default outputs/
 refused unless --overwrite; benchmarks/results/diffusion only with --update-committed-results). Exits non-zero
 when a target is missed (quick mode: never, its budget is not meant to meet them).
 
-    python benchmarks/diffusion.py                        # full run (~12 min on 2 idle cores)
+    python benchmarks/diffusion.py                        # full run (~30 min on 2 idle cores)
     python benchmarks/diffusion.py --quick --out /tmp/d   # tiny budget, smoke test (about a minute)
 """
 
@@ -57,7 +58,7 @@ PROMPT_TOKENS = 32
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser, "diffusion")
-    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per model (default 500)")
+    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per model (default 1000)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
@@ -65,6 +66,9 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--block-length", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-time-range", type=float, nargs=2, default=(0.3, 0.8), metavar=("MIN", "MAX"),
+                        help="ThoughtDiffusion's training t range (min_train_time, max_train_time; default 0.3 0.8, "
+                             "BD3-LM's clipped schedule for blocks of 16; the ELBO is still evaluated over (eps, 1))")
     parser.add_argument("--eval-blocks", type=int, default=None, help="test blocks for perplexity (default 48)")
     parser.add_argument("--elbo-t", type=int, default=None, help="t grid points per block (default 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128")
@@ -73,7 +77,7 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = dict(train_steps=(2, 500), eval_blocks=(2, 48), elbo_t=(2, 8), new_tokens=(16, 128),
+    defaults = dict(train_steps=(2, 1000), eval_blocks=(2, 48), elbo_t=(2, 8), new_tokens=(16, 128),
                     steps_list=("2,4", "8,16,32,64"), rounds=(1, 8))
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
@@ -91,6 +95,9 @@ def parse_args(argv=None):
         parser.error(f"--new-tokens must be a multiple of --block-length and every step count in "
                      f"[{args.new_tokens // args.block_length}, {args.new_tokens}], got {args.new_tokens} / "
                      f"{args.steps_list}")
+    low, high = args.train_time_range
+    if not 1e-3 <= low < high <= 1:
+        parser.error(f"--train-time-range must be MIN MAX with 0.001 <= MIN < MAX <= 1, got {low} {high}")
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     args.out = common.output_dir(args, "diffusion")
@@ -129,6 +136,7 @@ def build_models(args, vocab):
     common = dict(vocab_size=vocab.size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                   num_attention_heads=args.heads, max_position_embeddings=2 * args.seq_len + args.new_tokens,
                   mask_token_id=vocab.mask_id, block_length=args.block_length, resid_pdrop=0.0,
+                  min_train_time=args.train_time_range[0], max_train_time=args.train_time_range[1],
                   embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=vocab.eos_id, bos_token_id=vocab.eos_id,
                   eos_token_id=vocab.eos_id)
     torch.manual_seed(args.seed)
@@ -136,11 +144,13 @@ def build_models(args, vocab):
     torch.manual_seed(args.seed)
     ablation = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**common, thought_stack_size=0))
     torch.manual_seed(args.seed)
+    absolute = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**common, position_embedding_type="absolute"))
+    torch.manual_seed(args.seed)
     ar = GPT2LMHeadModel(GPT2Config(vocab_size=vocab.size, n_embd=args.hidden, n_layer=args.layers,
                                     n_head=args.heads, n_positions=common["max_position_embeddings"], resid_pdrop=0.0,
                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab.eos_id,
                                     eos_token_id=vocab.eos_id))
-    return {"thought_diffusion": diffusion, "no_stack": ablation, "gpt2": ar}
+    return {"thought_diffusion": diffusion, "no_stack": ablation, "absolute_positions": absolute, "gpt2": ar}
 
 
 def train(model, blocks, args, name):
@@ -420,7 +430,7 @@ def markdown(report):
     q, s = report["quality"], report["sampling"]
     lines = ["| model | test perplexity (fixed subset) | ratio to GPT-2 |", "|---|---|---|"]
     ar = q["gpt2"]["perplexity"]
-    for name in ("thought_diffusion", "thought_diffusion_with_thought", "no_stack"):
+    for name in ("thought_diffusion", "thought_diffusion_with_thought", "no_stack", "absolute_positions"):
         lines.append(f"| {name} (ELBO bound) | {q[name]['perplexity']:.1f} | {q[name]['perplexity'] / ar:.2f}x |")
     lines.append(f"| gpt2 | {ar:.1f} | 1.00x |")
     lines += ["", "| sampler | steps | forwards | tokens/s | speed vs GPT-2 (paired) | sample ppl under GPT-2 | "
@@ -464,6 +474,7 @@ def main(argv=None):
         "thought_diffusion": elbo_perplexity(models["thought_diffusion"], eval_blocks, args),
         "thought_diffusion_with_thought": elbo_perplexity(models["thought_diffusion"], eval_blocks, args, True),
         "no_stack": elbo_perplexity(models["no_stack"], eval_blocks, args),
+        "absolute_positions": elbo_perplexity(models["absolute_positions"], eval_blocks, args),
         "gpt2": ar_perplexity(models["gpt2"], eval_blocks, args)}
     report["sampling"] = measure_sampling(models, test_blocks, vocab, args)
     report["claims"] = seed_claims(models["thought_diffusion"], train_blocks, args)

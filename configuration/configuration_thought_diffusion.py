@@ -3,6 +3,7 @@
 from transformers import PretrainedConfig
 
 NOISE_SCHEDULES = ("log_linear", "cosine")
+POSITION_EMBEDDING_TYPES = ("rotary", "absolute")
 
 
 class ThoughtDiffusionConfig(PretrainedConfig):
@@ -19,8 +20,12 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         num_attention_heads (`int`, *optional*, defaults to 12): Attention heads (self-, cross- and slot attention).
         intermediate_size (`int`, *optional*): MLP width; defaults to `4 * hidden_size`.
         hidden_act (`str`, *optional*, defaults to `"gelu_new"`): MLP activation (a key of `ACT2FN`).
-        max_position_embeddings (`int`, *optional*, defaults to 1024): Size of the learned position table: the
-            longest prompt + generation.
+        max_position_embeddings (`int`, *optional*, defaults to 1024): The longest prompt + generation (the size
+            of the learned position table with `position_embedding_type="absolute"`).
+        position_embedding_type (`str`, *optional*, defaults to `"rotary"`): `"rotary"` (RoPE on the self-attention
+            queries and keys, as MDLM's backbone) or `"absolute"` (a learned position table added to the input, as
+            GPT-2). See the modeling docstring for why rotary is the default.
+        rope_theta (`float`, *optional*, defaults to 10000.0): Base of the rotary frequencies.
         mask_token_id (`int`, *optional*, defaults to 50257): Id of `[MASK]`, the absorbing state; must be inside
             the vocabulary. Its logit is never predicted (SUBS parameterization).
         thought_dims (`list[int]`, *optional*, defaults to `[16, 16, 8]`): Shape of one thought tensor.
@@ -31,7 +36,9 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         sampling_eps (`float`, *optional*, defaults to 1e-3): Smallest training time (t ~ U(eps, 1)): bounds the
             ELBO weight 1/t. In (0, 1).
         min_train_time (`float`, *optional*): Smallest t sampled in training; defaults to `sampling_eps`. With
-            `max_train_time` this is the masking range a curriculum stage may narrow.
+            `max_train_time` this is the masking range a curriculum stage may narrow; a clipped range such as
+            [0.3, 0.8] lowers the variance of the 1/t-weighted loss for block models (BD3-LM), see
+            benchmarks/diffusion.py. The ELBO is still a bound over all of (eps, 1) whatever the training range.
         max_train_time (`float`, *optional*, defaults to 1.0): Largest t sampled in training.
         block_length (`int`, *optional*): Block-causal attention between blocks of this many tokens (BD3-LM): a
             token sees its own block and earlier ones, and training runs the clean copy of the text beside the
@@ -67,6 +74,8 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         intermediate_size=None,
         hidden_act="gelu_new",
         max_position_embeddings=1024,
+        position_embedding_type="rotary",
+        rope_theta=10000.0,
         mask_token_id=50257,
         thought_dims=(16, 16, 8),
         thought_stack_size=8,
@@ -126,6 +135,13 @@ class ThoughtDiffusionConfig(PretrainedConfig):
                 or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in thought_dims)):
             raise ValueError(f"`thought_dims` must be a non-empty list of positive integers, e.g. [16, 16, 8], got "
                              f"{thought_dims!r}")
+        if position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(f"`position_embedding_type` must be one of {POSITION_EMBEDDING_TYPES}, got "
+                             f"{position_embedding_type!r}")
+        number("rope_theta", rope_theta, 0, float("inf"), low_open=True, high_open=True)
+        if position_embedding_type == "rotary" and (hidden_size // num_attention_heads) % 2:
+            raise ValueError(f"rotary position embeddings need an even head size, got hidden_size / "
+                             f"num_attention_heads = {hidden_size // num_attention_heads}")
         if noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"`noise_schedule` must be one of {NOISE_SCHEDULES}, got {noise_schedule!r}")
         number("sampling_eps", sampling_eps, 0, 1, low_open=True, high_open=True)
@@ -152,6 +168,8 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         self.intermediate_size = intermediate_size
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
+        self.position_embedding_type = position_embedding_type
+        self.rope_theta = float(rope_theta)
         self.mask_token_id = mask_token_id
         self.thought_dims = list(thought_dims)
         self.thought_stack_size = thought_stack_size

@@ -25,6 +25,13 @@ reads [summary, slot_1 .. slot_S] through cross-attention. Cross-attention rathe
 a pooled vector keeps only what the pooling query chose, while cross-attention lets each masked position pick the
 slots it needs (a recent plan, an older one) at a cost of T x (S + 1) scores, small beside self-attention.
 
+Positions are rotary by default (RoPE on the self-attention queries and keys, as MDLM's backbone; a learned table,
+`position_embedding_type="absolute"`, as GPT-2, is kept for comparison). A [MASK] position has no token of its
+own in its residual stream, unlike an AR model's last position, so everything it predicts from must come through
+attention, first of all its neighbours: with a learned table every position has to learn its own "look one to
+the left" pattern, with rotary one head's weights do it at every offset and position. benchmarks/diffusion.py
+measures the difference (README there).
+
 Conditioning (noise level and thoughts) enters only at [MASK] positions: a clean token's representation then does
 not depend on t or on the stack, which keeps the prefix cache exact while the stack changes at every step. The
 noise level is also visible from the masks themselves (MDLM observes time conditioning is nearly redundant).
@@ -174,6 +181,21 @@ def _additive(allowed, dtype):
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
+def rotary_cos_sin(positions, head_dim, theta, dtype):
+    """RoPE angles for integer `positions` (B, T): cos and sin of shape (B, 1, T, head_dim), frequencies
+    theta^(-2i/head_dim) as in Su et al. 2021 (halves layout, as in Llama). Computed on the fly: no buffer to load."""
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float().unsqueeze(-1) * inv_freq  # (B, T, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate feature pairs (i, i + head_dim/2) of x (B, nh, T, hs) by the position angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 class ThoughtDiffusionAttention(nn.Module):
     """Multi-head attention of queries from `hidden_states` over keys/values from `context` (self-attention when
     `context` is None: one fused projection). Dispatches through `ALL_ATTENTION_FUNCTIONS` (SDPA) or eager."""
@@ -291,11 +313,14 @@ class ThoughtDiffusionBlock(GradientCheckpointingLayer):
         self.mlp = ThoughtDiffusionMLP(config)
 
     def forward(self, hidden_states, attention_mask, past_key=None, past_value=None, memory=None, memory_mask=None,
-                condition=None, output_attentions=False):
+                condition=None, rotary=None, output_attentions=False):
         """hidden_states (B, T, D); attention_mask additive (B, 1, T, P + T); past_key/value (B, nh, P, hs);
-        memory (B, M, D) with memory_mask additive (B, 1, T, M); condition (B, T, 1): 1 at [MASK] positions.
-        Returns (hidden, key, value, attention weights) with key/value of this call's positions."""
+        memory (B, M, D) with memory_mask additive (B, 1, T, M); condition (B, T, 1): 1 at [MASK] positions;
+        rotary: (cos, sin) of this call's positions (rotary models). Returns (hidden, key, value, attention
+        weights) with key/value of this call's positions (keys rotated: the cache keeps them as they are)."""
         q, k, v = self.attn.qkv(self.ln_1(hidden_states))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         keys = k if past_key is None else torch.cat([past_key, k], dim=2)
         values = v if past_value is None else torch.cat([past_value, v], dim=2)
         attn_out, weights = self.attn.attend(q, keys, values, attention_mask, output_attentions)
@@ -470,7 +495,8 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
     def __init__(self, config: ThoughtDiffusionConfig):
         super().__init__(config)
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.position_embedding_type == "absolute":
+            self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.time_embedding = TimestepEmbedding(config)
         self.drop = nn.Dropout(config.embd_pdrop)
         if config.thought_stack_size:
@@ -579,7 +605,12 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         x = self._positions_and_streams(input_ids, attention_mask, position_ids, block_ids, thought_groups, timesteps,
                                         clean_input_ids)
         condition = x["is_mask"].unsqueeze(-1).to(dtype)
-        hidden = self.wte(x["tokens"]) + self.wpe(x["positions"]) + condition * self.time_embedding(x["times"], dtype)
+        hidden = self.wte(x["tokens"]) + condition * self.time_embedding(x["times"], dtype)
+        rotary = None
+        if cfg.position_embedding_type == "absolute":
+            hidden = hidden + self.wpe(x["positions"])
+        else:
+            rotary = rotary_cos_sin(x["positions"], cfg.head_dim, cfg.rope_theta, dtype)
         hidden = self.drop(hidden.to(dtype))
         past_mask = None if past_key_values is None else past_key_values.mask
         mask = self._self_attention_mask(x["blocks"], x["valid"], x["noisy_stream"], past_mask, dtype)
@@ -597,7 +628,7 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         for i, block in enumerate(self.h):
             past_k = None if past_key_values is None else past_key_values.keys[i]
             past_v = None if past_key_values is None else past_key_values.values[i]
-            hidden, k, v, w = block(hidden, mask, past_k, past_v, memory, memory_mask, condition,
+            hidden, k, v, w = block(hidden, mask, past_k, past_v, memory, memory_mask, condition, rotary,
                                     output_attentions=output_attentions)
             if use_cache:
                 keys.append(k if past_k is None else torch.cat([past_k, k], dim=2))

@@ -18,7 +18,7 @@ def test_quick_run_writes_the_report(tmp_path):
     done = run("--quick", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "diffusion.json").read_text())
-    assert set(report["training"]) == {"thought_diffusion", "no_stack", "gpt2"}
+    assert set(report["training"]) == {"thought_diffusion", "no_stack", "absolute_positions", "gpt2"}
     assert report["quality"]["gpt2"]["perplexity"] > 1 and report["quality"]["thought_diffusion"]["perplexity"] > 1
     assert {"gpt2", "td_2_cache", "td_4", "td_4_cache_thr"} <= set(report["sampling"])
     assert report["claims"]["encoder"]["max_abs_diff"] < 1e-4

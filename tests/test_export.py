@@ -256,8 +256,9 @@ def test_diffusion_ort_forward_and_generate(diffusion_export):
         ort_model.generate_with_stack(ids[:1, :5], max_new_tokens=8, num_steps=0)
 
 
-@pytest.mark.parametrize("overrides", [dict(thought_stack_size=0), dict(block_length=None)],
-                         ids=["no-stack", "full-attention"])
+@pytest.mark.parametrize("overrides", [dict(thought_stack_size=0), dict(block_length=None),
+                                       dict(position_embedding_type="absolute")],
+                         ids=["no-stack", "full-attention", "absolute-positions"])
 def test_diffusion_variants_export(tmp_path, overrides):
     model = diffusion(**overrides)
     report = export_onnx(model, tmp_path / "onnx")

@@ -27,13 +27,15 @@ def encode_slots_one_at_a_time(encoder, stack):
 
 class ThoughtDiffusionModelTester:
     """Tiny config: 99 tokens ([MASK] = 98), width 32, 2 layers, thoughts of shape (4, 2), a stack of 3 slots.
-    `block_length=4` gives the block-causal (BD3-LM) variant. A large init std makes a random model's outputs depend
-    on its inputs clearly, so sampling tests see real differences."""
+    `block_length=4` gives the block-causal (BD3-LM) variant; positions are rotary unless `position_embedding_type`
+    says otherwise. A large init std makes a random model's outputs depend on its inputs clearly, so sampling tests
+    see real differences."""
 
-    def __init__(self, batch_size=2, seq_length=12, block_length=None):
+    def __init__(self, batch_size=2, seq_length=12, block_length=None, position_embedding_type="rotary"):
         self.batch_size, self.seq_length = batch_size, seq_length
         self.kwargs = dict(vocab_size=99, mask_token_id=MASK, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                           position_embedding_type=position_embedding_type,
                            thought_dims=[4, 2], thought_stack_size=3, block_length=block_length,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2,
                            pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -50,10 +52,13 @@ class ThoughtDiffusionModelTester:
         return torch.randint(1, MASK, (batch_size or self.batch_size, length or self.seq_length), generator=generator)
 
 
-@pytest.fixture(scope="module", params=[None, 4], ids=["full", "block4"])
+@pytest.fixture(scope="module", params=[(None, "rotary"), (4, "rotary"), (4, "absolute")],
+                ids=["full", "block4", "block4-absolute"])
 def tester(request):
-    """Every common check runs on the bidirectional (MDLM) and the block-causal (BD3-LM) model."""
-    return ThoughtDiffusionModelTester(block_length=request.param)
+    """Every common check runs on the bidirectional (MDLM) and the block-causal (BD3-LM) model, and on the block
+    model with a learned position table instead of rotary positions."""
+    block_length, positions = request.param
+    return ThoughtDiffusionModelTester(block_length=block_length, position_embedding_type=positions)
 
 
 # ---------------------------------------------------------------- configuration
@@ -88,6 +93,9 @@ def tester(request):
     (dict(attn_pdrop=1.0), "attn_pdrop"),
     (dict(resid_pdrop=-0.1), "resid_pdrop"),
     (dict(embd_pdrop=2), "embd_pdrop"),
+    (dict(position_embedding_type="alibi"), r"position_embedding_type` must be one of \('rotary', 'absolute'\)"),
+    (dict(rope_theta=0), r"rope_theta` must be a number in \(0, inf\)"),
+    (dict(hidden_size=36, num_attention_heads=4), "rotary position embeddings need an even head size"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -315,8 +323,9 @@ def test_mdlm_cache_reuses_logits_when_nothing_changed(tester):
             assert not before["committed"].any()
 
 
-def test_block_cache_gives_the_same_tokens_as_recomputation():
-    tester = ThoughtDiffusionModelTester(block_length=4)
+@pytest.mark.parametrize("positions", ["rotary", "absolute"])
+def test_block_cache_gives_the_same_tokens_as_recomputation(positions):
+    tester = ThoughtDiffusionModelTester(block_length=4, position_embedding_type=positions)
     model, prompt = tester.model(attn_implementation="eager"), tester.input_ids(length=6)
     results = {}
     for cache in (True, False):
