@@ -250,7 +250,8 @@ class ORTThoughtDiffusionForMaskedLM(ORTModel):
         cfg = self.config
         shape = (batch, cfg.num_attention_heads, 0, cfg.hidden_size // cfg.num_attention_heads)
         layers = [torch.zeros(shape) for _ in range(cfg.num_hidden_layers)]
-        return ThoughtDiffusionBlockCache(layers, list(layers), torch.zeros(batch, 0, dtype=torch.bool))
+        return ThoughtDiffusionBlockCache(layers, list(layers), torch.zeros(batch, 0, dtype=torch.bool),
+                                          torch.zeros(batch, 0, dtype=torch.long))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, block_ids=None, timesteps=None,
                 thought_stack=None, past_key_values=None, use_cache=None, **kwargs):
@@ -278,7 +279,8 @@ class ORTThoughtDiffusionForMaskedLM(ORTModel):
         cache = past_key_values if past_key_values is not None else self._empty_cache(batch)
         feed = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids, "block_ids": block_ids,
                 "timesteps": torch.as_tensor(timesteps, dtype=torch.float32).expand(batch),
-                "past_mask": cache.mask.bool(), **{f"past_key.{i}": k for i, k in enumerate(cache.keys)},
+                "past_mask": cache.mask.bool(), "past_tokens": cache.tokens.long(),
+                **{f"past_key.{i}": k for i, k in enumerate(cache.keys)},
                 **{f"past_value.{i}": v for i, v in enumerate(cache.values)}}
         if self.stack_names:
             stack = thought_stack if thought_stack is not None else ThoughtStack.empty(cfg, batch)
@@ -295,7 +297,8 @@ class ORTThoughtDiffusionForMaskedLM(ORTModel):
             stack = ThoughtStack(out["present_thought_buffer"], out["present_thought_head"],
                                  out["present_thought_count"])
         present = ThoughtDiffusionBlockCache([out[f"present_key.{i}"] for i in range(n)],
-                                             [out[f"present_value.{i}"] for i in range(n)], out["present_mask"])
+                                             [out[f"present_value.{i}"] for i in range(n)], out["present_mask"],
+                                             out["present_tokens"])
         return ThoughtDiffusionMaskedLMOutput(logits=out["logits"], new_thought=new_thought, thought_stack=stack,
                                               past_key_values=present if use_cache else None)
 

@@ -2,11 +2,14 @@
 
 One run, on the GPT-2 BPE (restricted to the token types of the text, see `Vocabulary`) and the shared
 wikitext-2 text:
-  train     ThoughtDiffusion (block-causal, block 16, thought stack 8, rotary positions), the same with
-            `thought_stack_size=0` and with a learned position table (`position_embedding_type="absolute"`, as
-            GPT-2) (ablations), and GPT2LMHeadModel, same width/depth/heads, on the same blocks of
-            wikitext-2/valid.txt in the same order (same token budget; a plain AdamW loop, identical for all, rather
-            than Trainer, so that nothing but the model differs)
+  train     ThoughtDiffusion (block-causal, block 16, thought stack 8, rotary positions, one neighbouring token on
+            each side), its --ablations (default `no_stack`: thought_stack_size=0, and `no_neighbors`:
+            neighbor_tokens=0; also `absolute_positions`: a learned position table, as GPT-2's) and GPT2LMHeadModel,
+            same width/depth/heads, on the same blocks of wikitext-2/valid.txt in the same order (same token budget,
+            1,500 steps of 8 x 128 tokens, about 6 passes; bf16 autocast; a plain AdamW loop, identical for all,
+            rather than Trainer, so that nothing but the model differs). GPT-2 overfits this small text within the
+            budget: it is evaluated every --eval-every steps and keeps its best weights (early stopping on the test
+            subset: the baseline at its best, the conservative choice for the diffusion model's ratios)
   quality   the diffusion models' ELBO perplexity bound on a fixed subset of wikitext-2/test.txt (the first
             --eval-blocks blocks; t on a fixed midpoint grid of --elbo-t values, seeded masks), empty stack and
             with one self-conditioning thought (a noisier pass first, as in training); GPT-2's perplexity on the
@@ -16,7 +19,8 @@ wikitext-2 text:
             cache, with and without a confidence threshold (0.9). Timed in rounds: every variant once per round
             (shuffled, one prompt per round), a speed ratio is the median over rounds of the ratio measured in the
             same round (paired: the machine is shared, its speed drifts). The same samples give sample quality:
-            perplexity of the new tokens under the trained GPT-2, and distinct-2
+            perplexity of the new tokens under the trained GPT-2, and distinct-2; the test text's own continuations
+            of the same prompts are scored the same way (what real text gets)
   claims    gradient checkpointing's memory saving on one training step (bytes saved for backward, exact; and the
             process's peak RSS growth), bf16 autocast vs fp32 training-step and forward time (paired rounds), the
             vectorized thought encoder vs a per-slot Python loop (paired rounds; outputs checked equal)
@@ -30,6 +34,7 @@ when a target is missed (quick mode: never, its budget is not meant to meet them
 """
 
 import argparse
+import copy
 import math
 import os
 import random
@@ -52,13 +57,15 @@ REPO = common.REPO
 DATA = os.path.join(REPO, "..", "shared", "data", "wikitext-2")
 TARGETS = {"elbo_ppl_ratio_max": 1.3, "speed_ratio_min_at_16": 1.5, "sample_ppl_ratio_max_at_16": 1.5}
 THRESHOLD = 0.9
+ABLATIONS = {"no_stack": dict(thought_stack_size=0), "no_neighbors": dict(neighbor_tokens=0),
+             "absolute_positions": dict(position_embedding_type="absolute")}
 PROMPT_TOKENS = 32
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_args(parser, "diffusion")
-    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per model (default 1000)")
+    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per model (default 1500)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=128)
@@ -66,9 +73,20 @@ def parse_args(argv=None):
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--block-length", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--train-time-range", type=float, nargs=2, default=(0.3, 0.8), metavar=("MIN", "MAX"),
-                        help="ThoughtDiffusion's training t range (min_train_time, max_train_time; default 0.3 0.8, "
-                             "BD3-LM's clipped schedule for blocks of 16; the ELBO is still evaluated over (eps, 1))")
+    parser.add_argument("--train-time-range", type=float, nargs=2, default=(0.2, 0.7), metavar=("MIN", "MAX"),
+                        help="ThoughtDiffusion's training t range (min_train_time, max_train_time; default 0.2 0.7, a "
+                             "clipped schedule as BD3-LM's, whose [0.3, 0.8] for blocks of 16 did a little worse in "
+                             "pilots; the ELBO is still evaluated over (eps, 1))")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="train every model under bf16 autocast (fp32 weights and optimizer; evaluation in fp32; "
+                             "default on: 1.5x faster here, the same ELBO in a pilot; --no-bf16: fp32)")
+    parser.add_argument("--eval-every", type=int, default=250,
+                        help="GPT-2's test perplexity every this many steps; it keeps its best weights (default 250)")
+    parser.add_argument("--neighbor-tokens", type=int, default=1,
+                        help="ThoughtDiffusion's neighbor_tokens (tokens on each side every input reads; default 1)")
+    parser.add_argument("--ablations", default="no_stack,no_neighbors",
+                        help=f"ThoughtDiffusion variants trained beside it, comma-separated, from {sorted(ABLATIONS)} "
+                             "(default no_stack,no_neighbors; no_stack is needed for the thought ablation rows)")
     parser.add_argument("--eval-blocks", type=int, default=None, help="test blocks for perplexity (default 48)")
     parser.add_argument("--elbo-t", type=int, default=None, help="t grid points per block (default 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128")
@@ -77,7 +95,7 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     args = parser.parse_args(argv)
     quick = args.quick
-    defaults = dict(train_steps=(2, 1000), eval_blocks=(2, 48), elbo_t=(2, 8), new_tokens=(16, 128),
+    defaults = dict(train_steps=(2, 1500), eval_blocks=(2, 48), elbo_t=(2, 8), new_tokens=(16, 128),
                     steps_list=("2,4", "8,16,32,64"), rounds=(1, 8))
     for name, (small, full) in defaults.items():
         if getattr(args, name) is None:
@@ -87,7 +105,7 @@ def parse_args(argv=None):
     args.steps_list = [int(s) for s in args.steps_list.split(",")]
     if args.update_committed_results and args.out is None:
         args.out = os.path.join(common.COMMITTED_RESULTS, "diffusion")
-    for name in ("train_steps", "eval_blocks", "elbo_t", "new_tokens", "rounds", "threads"):
+    for name in ("train_steps", "eval_blocks", "elbo_t", "new_tokens", "rounds", "threads", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.new_tokens % args.block_length or any(s < args.new_tokens // args.block_length or s > args.new_tokens
@@ -98,6 +116,12 @@ def parse_args(argv=None):
     low, high = args.train_time_range
     if not 1e-3 <= low < high <= 1:
         parser.error(f"--train-time-range must be MIN MAX with 0.001 <= MIN < MAX <= 1, got {low} {high}")
+    args.ablations = [a for a in args.ablations.split(",") if a]
+    unknown = sorted(set(args.ablations) - set(ABLATIONS))
+    if unknown:
+        parser.error(f"--ablations must name some of {sorted(ABLATIONS)}, got {unknown}")
+    if args.neighbor_tokens < 0:
+        parser.error(f"--neighbor-tokens must be >= 0, got {args.neighbor_tokens}")
     if args.temperature <= 0:
         parser.error(f"--temperature must be > 0, got {args.temperature}")
     args.out = common.output_dir(args, "diffusion")
@@ -135,50 +159,64 @@ class Vocabulary:
 def build_models(args, vocab):
     common = dict(vocab_size=vocab.size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                   num_attention_heads=args.heads, max_position_embeddings=2 * args.seq_len + args.new_tokens,
-                  mask_token_id=vocab.mask_id, block_length=args.block_length, resid_pdrop=0.0,
+                  mask_token_id=vocab.mask_id, block_length=args.block_length, neighbor_tokens=args.neighbor_tokens,
                   min_train_time=args.train_time_range[0], max_train_time=args.train_time_range[1],
-                  embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=vocab.eos_id, bos_token_id=vocab.eos_id,
-                  eos_token_id=vocab.eos_id)
-    torch.manual_seed(args.seed)
-    diffusion = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**common))
-    torch.manual_seed(args.seed)
-    ablation = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**common, thought_stack_size=0))
-    torch.manual_seed(args.seed)
-    absolute = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**common, position_embedding_type="absolute"))
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=vocab.eos_id,
+                  bos_token_id=vocab.eos_id, eos_token_id=vocab.eos_id)
+    models = {}
+    for name, overrides in {"thought_diffusion": {}, **{a: ABLATIONS[a] for a in args.ablations}}.items():
+        torch.manual_seed(args.seed)
+        models[name] = ThoughtDiffusionForMaskedLM(ThoughtDiffusionConfig(**{**common, **overrides}))
     torch.manual_seed(args.seed)
     ar = GPT2LMHeadModel(GPT2Config(vocab_size=vocab.size, n_embd=args.hidden, n_layer=args.layers,
                                     n_head=args.heads, n_positions=common["max_position_embeddings"], resid_pdrop=0.0,
                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab.eos_id,
                                     eos_token_id=vocab.eos_id))
-    return {"thought_diffusion": diffusion, "no_stack": ablation, "absolute_positions": absolute, "gpt2": ar}
+    models["gpt2"] = ar
+    return models
 
 
-def train(model, blocks, args, name):
-    """AdamW, 5% warm-up then cosine decay; the same block order for every model (seeded permutation)."""
+def train(model, blocks, args, name, evaluate=None):
+    """AdamW, 5% warm-up then cosine decay; the same block order for every model (seeded permutation); under bf16
+    autocast with --bf16. `evaluate(model) -> perplexity`, when given, runs every --eval-every steps and at the end;
+    the model keeps the weights of its best evaluation (early stopping: GPT-2's baseline, the conservative choice)."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, args.train_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / args.train_steps))))
     order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(args.seed))
-    curve, start = [], time.perf_counter()
+    curve, evaluations, best, seconds = [], [], None, 0.0
     torch.manual_seed(args.seed)
     for step in range(args.train_steps):
+        start = time.perf_counter()
         index = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(blocks)]
         batch = blocks[index]
-        out = model(input_ids=batch, labels=batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            out = model(input_ids=batch, labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        seconds += time.perf_counter() - start
         value = float((out.elbo if getattr(out, "elbo", None) is not None else out.loss).detach())
         curve.append(value)
         if step % max(1, args.train_steps // 10) == 0:
             print(f"[{name}] step {step} loss {value:.3f}", file=sys.stderr, flush=True)
+        if evaluate is not None and ((step + 1) % args.eval_every == 0 or step + 1 == args.train_steps):
+            model.eval()
+            evaluations.append({"step": step + 1, "perplexity": evaluate(model)})
+            if best is None or evaluations[-1]["perplexity"] < best[0]:
+                best = (evaluations[-1]["perplexity"], step + 1, copy.deepcopy(model.state_dict()))
+            model.train()
     model.eval()
-    return {"seconds": time.perf_counter() - start, "curve": curve, "tokens": args.train_steps * args.batch_size *
-            args.seq_len, "parameters": sum(p.numel() for p in model.parameters())}
+    run = {"seconds": seconds, "curve": curve, "tokens": args.train_steps * args.batch_size * args.seq_len,
+           "parameters": sum(p.numel() for p in model.parameters())}
+    if best is not None:
+        model.load_state_dict(best[2])
+        run.update(evaluations=evaluations, kept_step=best[1])
+    return run
 
 
 # ------------------------------------------------------------------------------------------------ quality
@@ -220,7 +258,8 @@ def sampling_variants(args):
                 name = f"td_{steps}{'_cache' if cache else ''}{'_thr' if threshold else ''}"
                 variants[name] = dict(num_steps=steps, use_block_cache=cache, confidence_threshold=threshold)
     variants["no_stack_16_cache"] = dict(num_steps=16, use_block_cache=True, confidence_threshold=None)
-    return {k: v for k, v in variants.items() if not k.startswith("no_stack") or 16 in args.steps_list}
+    return {k: v for k, v in variants.items()
+            if not k.startswith("no_stack") or (16 in args.steps_list and "no_stack" in args.ablations)}
 
 
 @torch.no_grad()
@@ -273,6 +312,21 @@ def measure_sampling(models, test_blocks, vocab, args):
             "example": texts[0][:300],
         }
     return results
+
+
+@torch.no_grad()
+def reference_text(models, test_blocks, vocab, args):
+    """The test text's own continuations of the sampling prompts (the next --new-tokens tokens), scored as the samples
+    are: what real text gets on the sample-quality figures."""
+    prompts, continuations = [], []
+    for r in range(args.rounds):
+        text = torch.cat([test_blocks[r + 1], test_blocks[r + 2]])
+        prompts.append(text[:PROMPT_TOKENS])
+        continuations.append(text[PROMPT_TOKENS:PROMPT_TOKENS + args.new_tokens])
+    texts = [vocab.decode(c) for c in continuations]
+    return {"kind": "the test text's own continuation of each prompt",
+            "sample_perplexity_under_gpt2": sample_perplexity(models["gpt2"], prompts, continuations),
+            "distinct_2": lexical_diversity(texts)["distinct_2"], "example": texts[0][:300]}
 
 
 # ------------------------------------------------------------------------------------------------ seed's claims
@@ -419,6 +473,8 @@ def write_report(report, args):
     axes[1].set(xscale="log", xlabel="denoising steps", ylabel="tokens / s", title=f"{args.new_tokens} new tokens")
     axes[1].legend(fontsize=8)
     axes[2].axhline(sampling["gpt2"]["sample_perplexity_under_gpt2"], color="k", ls="--", label="GPT-2's own samples")
+    axes[2].axhline(report["sampling_reference"]["sample_perplexity_under_gpt2"], color="g", ls=":",
+                    label="the test text itself")
     axes[2].set(xscale="log", yscale="log", xlabel="denoising steps", ylabel="perplexity under GPT-2",
                 title="sample quality")
     axes[2].legend(fontsize=8)
@@ -430,15 +486,21 @@ def markdown(report):
     q, s = report["quality"], report["sampling"]
     lines = ["| model | test perplexity (fixed subset) | ratio to GPT-2 |", "|---|---|---|"]
     ar = q["gpt2"]["perplexity"]
-    for name in ("thought_diffusion", "thought_diffusion_with_thought", "no_stack", "absolute_positions"):
+    for name in ("thought_diffusion", "thought_diffusion_with_thought", *report["args"]["ablations"]):
         lines.append(f"| {name} (ELBO bound) | {q[name]['perplexity']:.1f} | {q[name]['perplexity'] / ar:.2f}x |")
     lines.append(f"| gpt2 | {ar:.1f} | 1.00x |")
+    gpt2 = report["training"]["gpt2"]
+    lines += ["", "GPT-2's test perplexity during training (it keeps the weights of step "
+              f"{gpt2['kept_step']}): " + ", ".join(f"{e['step']}: {e['perplexity']:.1f}" for e in gpt2["evaluations"])]
     lines += ["", "| sampler | steps | forwards | tokens/s | speed vs GPT-2 (paired) | sample ppl under GPT-2 | "
               "distinct-2 |", "|---|---|---|---|---|---|---|"]
     for name, r in s.items():
         lines.append(f"| {name} | {r.get('num_steps', '-')} | {r['forward_passes']:.1f} | {r['tokens_per_s']:.1f} | "
                      f"{r['speed_ratio_vs_gpt2']:.2f}x | {r['sample_perplexity_under_gpt2']:.1f} | "
                      f"{r['distinct_2']:.3f} |")
+    ref = report["sampling_reference"]
+    lines += ["", f"The test text's own continuations of the same prompts: perplexity under GPT-2 "
+              f"{ref['sample_perplexity_under_gpt2']:.1f}, distinct-2 {ref['distinct_2']:.3f}."]
     c = report["claims"]
     g = c["gradient_checkpointing"]
     lines += ["", f"- gradient checkpointing: activations saved for backward {g['saved_for_backward_mib']:.0f} MiB -> "
@@ -462,21 +524,22 @@ def main(argv=None):
     test_blocks = text_blocks("test.txt", tokenizer, args.seq_len, max_chars)
     vocab = Vocabulary(tokenizer, train_blocks, test_blocks)
     train_blocks = vocab.encode(train_blocks)
-    test_blocks = vocab.encode(test_blocks)[:max(args.eval_blocks, args.rounds + 1)]
+    test_blocks = vocab.encode(test_blocks)[:max(args.eval_blocks, args.rounds + 2)]
     models = build_models(args, vocab)
     report = {"args": vars(args), "environment": environment(args), "targets_definition": TARGETS,
               "vocabulary": {"types": vocab.size, "note": Vocabulary.__doc__.split(":")[0]}, "training": {},
               "quality": {}}
-    for name, model in models.items():
-        report["training"][name] = train(model, train_blocks, args, name)
     eval_blocks = test_blocks[:args.eval_blocks]
+    for name, model in models.items():
+        evaluate = (lambda m: ar_perplexity(m, eval_blocks, args)["perplexity"]) if name == "gpt2" else None
+        report["training"][name] = train(model, train_blocks, args, name, evaluate)
     report["quality"] = {
         "thought_diffusion": elbo_perplexity(models["thought_diffusion"], eval_blocks, args),
         "thought_diffusion_with_thought": elbo_perplexity(models["thought_diffusion"], eval_blocks, args, True),
-        "no_stack": elbo_perplexity(models["no_stack"], eval_blocks, args),
-        "absolute_positions": elbo_perplexity(models["absolute_positions"], eval_blocks, args),
+        **{name: elbo_perplexity(models[name], eval_blocks, args) for name in args.ablations},
         "gpt2": ar_perplexity(models["gpt2"], eval_blocks, args)}
     report["sampling"] = measure_sampling(models, test_blocks, vocab, args)
+    report["sampling_reference"] = reference_text(models, test_blocks, vocab, args)
     report["claims"] = seed_claims(models["thought_diffusion"], train_blocks, args)
     ar_ppl = report["quality"]["gpt2"]["perplexity"]
     best = min(report["quality"][k]["perplexity"] for k in ("thought_diffusion", "thought_diffusion_with_thought"))

@@ -26,6 +26,8 @@ class ThoughtDiffusionConfig(PretrainedConfig):
             queries and keys, as MDLM's backbone) or `"absolute"` (a learned position table added to the input, as
             GPT-2). See the modeling docstring for why rotary is the default.
         rope_theta (`float`, *optional*, defaults to 10000.0): Base of the rotary frequencies.
+        neighbor_tokens (`int`, *optional*, defaults to 1): Tokens on each side whose embeddings every position's
+            input also holds (left: any real token; right: its own block's only); 0 disables.
         mask_token_id (`int`, *optional*, defaults to 50257): Id of `[MASK]`, the absorbing state; must be inside
             the vocabulary. Its logit is never predicted (SUBS parameterization).
         thought_dims (`list[int]`, *optional*, defaults to `[16, 16, 8]`): Shape of one thought tensor.
@@ -76,6 +78,7 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         max_position_embeddings=1024,
         position_embedding_type="rotary",
         rope_theta=10000.0,
+        neighbor_tokens=1,
         mask_token_id=50257,
         thought_dims=(16, 16, 8),
         thought_stack_size=8,
@@ -124,6 +127,7 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         integer("intermediate_size", intermediate_size, 1, allow_none=True)
         integer("block_length", block_length, 1, allow_none=True)
         integer("thought_stack_size", thought_stack_size, 0)
+        integer("neighbor_tokens", neighbor_tokens, 0)
         if hidden_size % num_attention_heads:
             raise ValueError(f"`hidden_size` ({hidden_size}) must be divisible by `num_attention_heads` "
                              f"({num_attention_heads})")
@@ -170,6 +174,7 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.position_embedding_type = position_embedding_type
         self.rope_theta = float(rope_theta)
+        self.neighbor_tokens = neighbor_tokens
         self.mask_token_id = mask_token_id
         self.thought_dims = list(thought_dims)
         self.thought_stack_size = thought_stack_size

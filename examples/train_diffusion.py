@@ -46,6 +46,7 @@ class ModelArguments:
     thought_stack_size: int = field(default=8, metadata={"help": "0 disables the thought stack"})
     noise_schedule: str = field(default="log_linear", metadata={"help": "log_linear or cosine"})
     block_length: Optional[int] = field(default=None, metadata={"help": "block-causal blocks (BD3-LM)"})
+    neighbor_tokens: int = field(default=1, metadata={"help": "tokens on each side every input reads (0: none)"})
     thought_loss_weight: float = field(default=0.01)
     thought_train_prob: float = field(default=0.5)
     label_smoothing: float = field(default=0.0)
@@ -89,7 +90,8 @@ def build_model(args: ModelArguments, tokenizer) -> ThoughtDiffusionForMaskedLM:
         num_hidden_layers=args.num_hidden_layers, num_attention_heads=args.num_attention_heads,
         max_position_embeddings=args.max_position_embeddings, thought_dims=dims,
         thought_stack_size=args.thought_stack_size, noise_schedule=args.noise_schedule,
-        block_length=args.block_length, thought_loss_weight=args.thought_loss_weight,
+        block_length=args.block_length, neighbor_tokens=args.neighbor_tokens,
+        thought_loss_weight=args.thought_loss_weight,
         thought_train_prob=args.thought_train_prob, label_smoothing=args.label_smoothing,
         resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
         pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)

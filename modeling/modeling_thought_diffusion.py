@@ -29,8 +29,12 @@ Positions are rotary by default (RoPE on the self-attention queries and keys, as
 `position_embedding_type="absolute"`, as GPT-2, is kept for comparison). A [MASK] position has no token of its
 own in its residual stream, unlike an AR model's last position, so everything it predicts from must come through
 attention, first of all its neighbours: with a learned table every position has to learn its own "look one to
-the left" pattern, with rotary one head's weights do it at every offset and position. benchmarks/diffusion.py
-measures the difference (README there).
+the left" pattern, with rotary one head's weights do it at every offset and position. Neighbouring tokens
+(`neighbor_tokens=k`, default 1) go further: each position's input also holds the embeddings of the k tokens on
+either side (one linear map of their concatenation), so a [MASK] starts from its context as an AR model's last
+position starts from its token. To the left it reads any real token (in training, earlier blocks from the clean
+copy, as when sampling; with the prefix cache, the cached tokens), to the right only its own block's: no block
+reads a later one, so the cache stays exact. benchmarks/diffusion.py measures both (README there).
 
 Conditioning (noise level and thoughts) enters only at [MASK] positions: a clean token's representation then does
 not depend on t or on the stack, which keeps the prefix cache exact while the stack changes at every step. The
@@ -148,11 +152,13 @@ class ThoughtStack:
 
 
 class ThoughtDiffusionBlockCache:
-    """Keys and values of the clean prefix (prompt and finished blocks) per layer, (B, n_head, P, head_dim), and
-    which of those P positions are real tokens (`mask`, (B, P) bool; left padding of a prompt is not)."""
+    """Keys and values of the clean prefix (prompt and finished blocks) per layer, (B, n_head, P, head_dim), which
+    of those P positions are real tokens (`mask`, (B, P) bool; left padding of a prompt is not) and their token ids
+    (`tokens`, (B, P); the token shift reads the last one)."""
 
-    def __init__(self, keys, values, mask):
+    def __init__(self, keys, values, mask, tokens=None):
         self.keys, self.values, self.mask = keys, values, mask
+        self.tokens = torch.zeros(mask.shape, dtype=torch.long, device=mask.device) if tokens is None else tokens
 
     @property
     def length(self):
@@ -161,7 +167,7 @@ class ThoughtDiffusionBlockCache:
     def crop(self, length):
         """The cache of the first `length` positions."""
         return ThoughtDiffusionBlockCache([k[:, :, :length] for k in self.keys], [v[:, :, :length] for v in
-                                          self.values], self.mask[:, :length])
+                                          self.values], self.mask[:, :length], self.tokens[:, :length])
 
 
 # ----------------------------------------------------------------------------------------------------- layers
@@ -300,7 +306,9 @@ class ThoughtStackEncoder(nn.Module):
 
 class ThoughtDiffusionBlock(GradientCheckpointingLayer):
     """Pre-LN self-attention (bidirectional or block-causal; prefix cache keys prepended) -> pre-LN cross-attention
-    to the encoded thought stack, added at [MASK] positions only -> pre-LN MLP."""
+    to the encoded thought stack, added at [MASK] positions only -> pre-LN MLP. The cross-attention's output
+    projection starts at zero (as Flamingo's gated cross-attention starts closed): a new model reads nothing from
+    the stack and learns to where it helps, instead of first learning to ignore random messages."""
 
     def __init__(self, config):
         super().__init__()
@@ -486,6 +494,8 @@ class ThoughtDiffusionPreTrainedModel(PreTrainedModel):
             module.null.data.normal_(mean=0.0, std=std)
         if isinstance(module, (ThoughtDiffusionAttention, ThoughtDiffusionMLP)):
             module.c_proj.weight.data.normal_(mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        if isinstance(module, ThoughtDiffusionBlock) and hasattr(module, "cross_attn"):
+            module.cross_attn.c_proj.weight.data.zero_()  # the stack starts as a no-op (ThoughtDiffusionBlock)
 
 
 class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
@@ -497,6 +507,9 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.position_embedding_type == "absolute":
             self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        if config.neighbor_tokens:
+            self.neighbor_proj = nn.Linear(2 * config.neighbor_tokens * config.hidden_size, config.hidden_size,
+                                           bias=False)
         self.time_embedding = TimestepEmbedding(config)
         self.drop = nn.Dropout(config.embd_pdrop)
         if config.thought_stack_size:
@@ -603,9 +616,12 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         if torch.is_autocast_enabled(input_ids.device.type):
             dtype = torch.get_autocast_dtype(input_ids.device.type)
         x = self._positions_and_streams(input_ids, attention_mask, position_ids, block_ids, thought_groups, timesteps,
-                                        clean_input_ids)
+                                        clean_input_ids, past_key_values)
         condition = x["is_mask"].unsqueeze(-1).to(dtype)
         hidden = self.wte(x["tokens"]) + condition * self.time_embedding(x["times"], dtype)
+        if cfg.neighbor_tokens:
+            neighbors = self.wte(x["neighbor_tokens"]) * x["neighbor_valid"].unsqueeze(-1)  # (B, T, 2k, D)
+            hidden = hidden + self.neighbor_proj(neighbors.flatten(2).to(dtype))
         rotary = None
         if cfg.position_embedding_type == "absolute":
             hidden = hidden + self.wpe(x["positions"])
@@ -645,8 +661,9 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         cache = None
         if use_cache:
             valid = x["valid"][:, :length]
-            cache = ThoughtDiffusionBlockCache(keys, values, valid if past_mask is None else
-                                               torch.cat([past_mask, valid], dim=1))
+            cache = ThoughtDiffusionBlockCache(
+                keys, values, valid if past_mask is None else torch.cat([past_mask, valid], dim=1),
+                input_ids if past_mask is None else torch.cat([past_key_values.tokens, input_ids], dim=1))
         out = ThoughtDiffusionModelOutput(
             last_hidden_state=hidden, new_thought=new_thought, thought_stack=thought_stack,
             thought_features=features, past_key_values=cache,
@@ -655,7 +672,7 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     def _positions_and_streams(self, input_ids, attention_mask, position_ids, block_ids, thought_groups, timesteps,
-                               clean_input_ids):
+                               clean_input_ids, past_key_values=None):
         """Per-position tensors (B, T) of one call, with defaults filled in: tokens, positions, blocks, valid (real
         token), thought groups, times, is_mask and noisy_stream. With `clean_input_ids` every tensor is doubled
         to (B, 2T): [x_t ; x_0], noisy_stream True on the first half."""
@@ -670,13 +687,42 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         x = {"tokens": input_ids, "positions": positions, "blocks": blocks, "valid": valid, "groups": groups,
              "times": times, "is_mask": (input_ids == self.config.mask_token_id) & valid,
              "noisy_stream": torch.zeros_like(valid)}
+        k = self.config.neighbor_tokens
+        if k:
+            x["neighbor_tokens"], x["neighbor_valid"], earlier = self._neighbors(input_ids, valid, blocks, k,
+                                                                                 past_key_values)
         if clean_input_ids is None:
             return x
-        x = {key: value.repeat(1, 2) for key, value in x.items()}
+        x = {key: value.repeat(1, 2, *([1] * (value.dim() - 2))) for key, value in x.items()}
         x["tokens"] = torch.cat([input_ids, clean_input_ids], dim=1)
+        if k:  # a noisy block reads its neighbours in earlier blocks from the clean copy (as when sampling)
+            clean_neighbors = self._neighbors(clean_input_ids, valid, blocks, k)[0]
+            noisy_neighbors = torch.where(earlier, clean_neighbors, x["neighbor_tokens"][:, :length])
+            x["neighbor_tokens"] = torch.cat([noisy_neighbors, clean_neighbors], dim=1)
         x["is_mask"][:, length:] = False
         x["noisy_stream"][:, :length] = True
         return x
+
+    @staticmethod
+    def _neighbors(input_ids, valid, blocks, k, past_key_values=None):
+        """The k tokens on each side of every position, (B, T, 2k) (offsets -k..-1, 1..k), whether each is a real
+        token the position may read (left: any; right: its own block only) and whether it lies in an earlier block.
+        The cache's last tokens precede the first positions; outside the text there are none."""
+        length = input_ids.shape[1]
+        if past_key_values is not None:
+            past = past_key_values.tokens
+            input_ids = torch.cat([past, input_ids], dim=1)
+            valid = torch.cat([past_key_values.mask.bool(), valid], dim=1)
+            blocks = torch.cat([torch.zeros_like(past) - 1, blocks], dim=1)  # earlier than any block of the call
+        ids, ok, block = (F.pad(v, (k, k), value=fill) for v, fill in ((input_ids, 0), (valid, False), (blocks, -1)))
+        end = ids.shape[1] - k
+        own_block = blocks[:, -length:].unsqueeze(-1)
+        window = [slice(end - length + o, end + o) for o in (*range(-k, 0), *range(1, k + 1))]
+        tokens = torch.stack([ids[:, w] for w in window], dim=-1)
+        block = torch.stack([block[:, w] for w in window], dim=-1)
+        offset = torch.tensor([*range(-k, 0), *range(1, k + 1)], device=ids.device)
+        ok = torch.stack([ok[:, w] for w in window], dim=-1) & ((offset < 0) | (block == own_block))
+        return tokens, ok, block != own_block
 
     def _check_ids(self, input_ids):
         if input_ids is None:

@@ -211,19 +211,22 @@ def diffusion_stack_names(config, prefix=""):
 
 def diffusion_cache_names(config, prefix="past_"):
     n = config.num_hidden_layers
-    return [f"{prefix}mask"] + [f"{prefix}key.{i}" for i in range(n)] + [f"{prefix}value.{i}" for i in range(n)]
+    return ([f"{prefix}mask", f"{prefix}tokens"] + [f"{prefix}key.{i}" for i in range(n)]
+            + [f"{prefix}value.{i}" for i in range(n)])
 
 
-def diffusion_denoise_step(model, input_ids, attention_mask, position_ids, block_ids, timesteps, past_mask, past_key,
-                           past_value, thought_buffer=None, thought_head=None, thought_count=None):
+def diffusion_denoise_step(model, input_ids, attention_mask, position_ids, block_ids, timesteps, past_mask,
+                           past_tokens, past_key, past_value, thought_buffer=None, thought_head=None,
+                           thought_count=None):
     """One call of `ThoughtDiffusionForMaskedLM`'s sampler with its state as plain tensors: the prefix cache
-    (`past_mask` (B, P) bool, per layer `past_key`/`past_value` (B, n_head, P, head_dim); P may be 0) and the thought
-    stack (`thought_buffer` (B, S, *thought_dims), `thought_head`/`thought_count` (B,) int64). Returns (SUBS logits
-    (B, T, V), [new thought, buffer, head, count,] present mask (B, P + T), present keys, present values)."""
+    (`past_mask` (B, P) bool, `past_tokens` (B, P) int64, per layer `past_key`/`past_value` (B, n_head, P,
+    head_dim); P may be 0) and the thought stack (`thought_buffer` (B, S, *thought_dims), `thought_head`/
+    `thought_count` (B,) int64). Returns (SUBS logits (B, T, V), [new thought, buffer, head, count,] present mask
+    and tokens (B, P + T), present keys, present values)."""
     from ..modeling.modeling_thought_diffusion import ThoughtDiffusionBlockCache, ThoughtStack
 
     stack = None if thought_buffer is None else ThoughtStack(thought_buffer, thought_head, thought_count)
-    cache = ThoughtDiffusionBlockCache(list(past_key), list(past_value), past_mask)
+    cache = ThoughtDiffusionBlockCache(list(past_key), list(past_value), past_mask, past_tokens)
     out = model.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids, block_ids=block_ids,
                             timesteps=timesteps, thought_stack=stack, past_key_values=cache, use_cache=True,
                             return_dict=True)
@@ -231,7 +234,7 @@ def diffusion_denoise_step(model, input_ids, attention_mask, position_ids, block
     thought = () if stack is None else (out.new_thought, out.thought_stack.buffer, out.thought_stack.head,
                                         out.thought_stack.count)
     present = out.past_key_values
-    return (logits, *thought, present.mask, *present.keys, *present.values)
+    return (logits, *thought, present.mask, present.tokens, *present.keys, *present.values)
 
 
 class ThoughtDiffusionDenoiseStepPatcher(ModelPatcher):
@@ -240,20 +243,21 @@ class ThoughtDiffusionDenoiseStepPatcher(ModelPatcher):
     def __init__(self, config, model, model_kwargs=None):
         super().__init__(config, model, model_kwargs)
 
-        def denoise_step(input_ids, attention_mask, position_ids, block_ids, timesteps, past_mask, past_key,
-                         past_value, thought_buffer=None, thought_head=None, thought_count=None):
+        def denoise_step(input_ids, attention_mask, position_ids, block_ids, timesteps, past_mask, past_tokens,
+                         past_key, past_value, thought_buffer=None, thought_head=None, thought_count=None):
             return diffusion_denoise_step(model, input_ids, attention_mask, position_ids, block_ids, timesteps,
-                                          past_mask, past_key, past_value, thought_buffer, thought_head,
-                                          thought_count)
+                                          past_mask, past_tokens, past_key, past_value, thought_buffer,
+                                          thought_head, thought_count)
 
         self.patched_forward = denoise_step
 
 
 class ThoughtDiffusionOnnxConfig(OnnxConfig):
     """The denoising step of ThoughtDiffusion: `input_ids`, `attention_mask`, `position_ids`, `block_ids` (B, T),
-    `timesteps` (B,), the prefix cache `past_mask` (B, P), `past_key.{l}`, `past_value.{l}` (P may be 0: no cache)
-    and, with a thought stack, `thought_buffer`, `thought_head`, `thought_count` in; `logits` (SUBS, B x T x V),
-    `new_thought`, `present_thought_*`, `present_mask` and `present_key/value.{l}` (P + T positions) out.
+    `timesteps` (B,), the prefix cache `past_mask`, `past_tokens` (B, P), `past_key.{l}`, `past_value.{l}` (P may be
+    0: no cache) and, with a thought stack, `thought_buffer`, `thought_head`, `thought_count` in; `logits` (SUBS,
+    B x T x V), `new_thought`, `present_thought_*`, `present_mask`, `present_tokens` and `present_key/value.{l}`
+    (P + T positions) out.
     `armada.onnxruntime.ORTThoughtDiffusionForMaskedLM` runs `generate_with_stack` on it."""
 
     NORMALIZED_CONFIG_CLASS = NormalizedTextConfig
@@ -268,7 +272,8 @@ class ThoughtDiffusionOnnxConfig(OnnxConfig):
                                                              "block_ids"))
         axes["timesteps"] = {0: "batch_size"}
         axes["past_mask"] = {0: "batch_size", 1: "past_sequence_length"}
-        for name in diffusion_cache_names(self._config)[1:]:
+        axes["past_tokens"] = {0: "batch_size", 1: "past_sequence_length"}
+        for name in diffusion_cache_names(self._config)[2:]:
             axes[name] = {0: "batch_size", 2: "past_sequence_length"}
         for name in diffusion_stack_names(self._config):
             axes[name] = {0: "batch_size"}
@@ -283,7 +288,8 @@ class ThoughtDiffusionOnnxConfig(OnnxConfig):
             axes[name] = {0: "batch_size"}
         total = "past_sequence_length + sequence_length"
         axes["present_mask"] = {0: "batch_size", 1: total}
-        for name in diffusion_cache_names(self._config, prefix="present_")[1:]:
+        axes["present_tokens"] = {0: "batch_size", 1: total}
+        for name in diffusion_cache_names(self._config, prefix="present_")[2:]:
             axes[name] = {0: "batch_size", 2: total}
         return axes
 
@@ -303,6 +309,7 @@ class ThoughtDiffusionOnnxConfig(OnnxConfig):
             "input_ids": ids, "attention_mask": torch.ones(batch, length, dtype=torch.long),
             "position_ids": positions, "block_ids": positions // block if cfg.block_length else positions * 0,
             "timesteps": torch.tensor([0.5, 0.9]), "past_mask": past_mask,
+            "past_tokens": torch.randint(0, cfg.vocab_size, (batch, past), generator=generator),
             "past_key": [torch.randn(kv, generator=generator) for _ in range(cfg.num_hidden_layers)],
             "past_value": [torch.randn(kv, generator=generator) for _ in range(cfg.num_hidden_layers)],
         }

@@ -28,14 +28,15 @@ def encode_slots_one_at_a_time(encoder, stack):
 class ThoughtDiffusionModelTester:
     """Tiny config: 99 tokens ([MASK] = 98), width 32, 2 layers, thoughts of shape (4, 2), a stack of 3 slots.
     `block_length=4` gives the block-causal (BD3-LM) variant; positions are rotary unless `position_embedding_type`
-    says otherwise. A large init std makes a random model's outputs depend on its inputs clearly, so sampling tests
-    see real differences."""
+    says otherwise; each position reads `neighbor_tokens` tokens on either side (default 1). A large init std makes
+    a random model's outputs depend on its inputs clearly, so sampling tests see real differences."""
 
-    def __init__(self, batch_size=2, seq_length=12, block_length=None, position_embedding_type="rotary"):
+    def __init__(self, batch_size=2, seq_length=12, block_length=None, position_embedding_type="rotary",
+                 neighbor_tokens=1):
         self.batch_size, self.seq_length = batch_size, seq_length
         self.kwargs = dict(vocab_size=99, mask_token_id=MASK, hidden_size=32, num_hidden_layers=2,
                            num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                           position_embedding_type=position_embedding_type,
+                           position_embedding_type=position_embedding_type, neighbor_tokens=neighbor_tokens,
                            thought_dims=[4, 2], thought_stack_size=3, block_length=block_length,
                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=0.2,
                            pad_token_id=0, bos_token_id=0, eos_token_id=0)
@@ -44,21 +45,29 @@ class ThoughtDiffusionModelTester:
         return ThoughtDiffusionConfig(**{**self.kwargs, **overrides})
 
     def model(self, seed=0, **overrides):
+        """A random model; its cross-attention to the stack (zero at initialization) random too, so that the
+        stack's effects are visible."""
         torch.manual_seed(seed)
-        return ThoughtDiffusionForMaskedLM(self.config(**overrides)).eval()
+        model = ThoughtDiffusionForMaskedLM(self.config(**overrides)).eval()
+        for block in model.transformer.h:
+            if hasattr(block, "cross_attn"):
+                torch.nn.init.normal_(block.cross_attn.c_proj.weight, std=self.kwargs["initializer_range"])
+        return model
 
     def input_ids(self, seed=1, length=None, batch_size=None):
         generator = torch.Generator().manual_seed(seed)
         return torch.randint(1, MASK, (batch_size or self.batch_size, length or self.seq_length), generator=generator)
 
 
-@pytest.fixture(scope="module", params=[(None, "rotary"), (4, "rotary"), (4, "absolute")],
-                ids=["full", "block4", "block4-absolute"])
+@pytest.fixture(scope="module", params=[(None, "rotary", 1), (4, "rotary", 2), (4, "absolute", 0)],
+                ids=["full", "block4-neighbors2", "block4-absolute-no-neighbors"])
 def tester(request):
-    """Every common check runs on the bidirectional (MDLM) and the block-causal (BD3-LM) model, and on the block
-    model with a learned position table instead of rotary positions."""
-    block_length, positions = request.param
-    return ThoughtDiffusionModelTester(block_length=block_length, position_embedding_type=positions)
+    """Every common check runs on the bidirectional (MDLM) and the block-causal (BD3-LM) model (two neighbours on
+    each side: offsets that cross block boundaries), and on a GPT-2-like input: a learned position table, no
+    neighbouring tokens."""
+    block_length, positions, neighbors = request.param
+    return ThoughtDiffusionModelTester(block_length=block_length, position_embedding_type=positions,
+                                       neighbor_tokens=neighbors)
 
 
 # ---------------------------------------------------------------- configuration
@@ -95,6 +104,7 @@ def tester(request):
     (dict(embd_pdrop=2), "embd_pdrop"),
     (dict(position_embedding_type="alibi"), r"position_embedding_type` must be one of \('rotary', 'absolute'\)"),
     (dict(rope_theta=0), r"rope_theta` must be a number in \(0, inf\)"),
+    (dict(neighbor_tokens=-1), "neighbor_tokens` must be an integer >= 0"),
     (dict(hidden_size=36, num_attention_heads=4), "rotary position embeddings need an even head size"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
@@ -161,18 +171,40 @@ def test_loss_is_the_elbo_over_masked_positions_only(tester):
 
 
 def test_block_model_never_sees_the_clean_tokens_of_its_own_or_later_blocks():
-    """BD3 training runs x_t beside x_0: changing x_0 in block b and later must not change x_t's outputs in b."""
-    tester = ThoughtDiffusionModelTester(block_length=4)
+    """BD3 training runs x_t beside x_0: changing x_0 in block b and later, or x_t in a later block, must not change
+    x_t's outputs in b (attention and the neighbouring tokens alike)."""
+    tester = ThoughtDiffusionModelTester(block_length=4, neighbor_tokens=2)
     model, ids = tester.model(), tester.input_ids()
     noisy = ids.clone()
     noisy[:, 4:8] = MASK
     changed = ids.clone()
     changed[:, 4:] = (ids[:, 4:] + 1) % MASK
+    later = noisy.clone()
+    later[:, 8:] = (noisy[:, 8:] + 1) % MASK
     with torch.no_grad():
         a = model.transformer(noisy, clean_input_ids=ids).last_hidden_state
         b = model.transformer(noisy, clean_input_ids=changed).last_hidden_state
+        c = model.transformer(later, clean_input_ids=ids).last_hidden_state
     assert_close(a[:, :8], b[:, :8], 1e-6, "blocks 0-1 see clean blocks < their own only")
+    assert_close(a[:, :8], c[:, :8], 1e-6, "blocks 0-1 do not see x_t of block 2")
     assert (a[:, 8:] - b[:, 8:]).abs().max() > 1e-3  # block 2 does see clean block 1
+
+
+def test_neighbor_tokens_come_from_x0_across_a_block_boundary_and_never_from_a_later_block():
+    """Offsets -2, -1, +1, +2 of every position: left of a noisy block's first positions the clean tokens (as
+    when sampling), inside the block x_t, right of the block's end nothing; the clean copy reads clean tokens."""
+    tester = ThoughtDiffusionModelTester(block_length=4, neighbor_tokens=2)
+    model, ids = tester.model(), tester.input_ids()
+    noisy = ids.clone()
+    noisy[:, 2:6] = MASK
+    x = model.transformer._positions_and_streams(noisy, None, None, None, None, torch.tensor([0.5, 0.5]), ids)
+    tokens, valid, length = x["neighbor_tokens"], x["neighbor_valid"], ids.shape[1]
+    assert torch.equal(tokens[:, 5], torch.stack([ids[:, 3], noisy[:, 4], noisy[:, 6], noisy[:, 7]], dim=-1))
+    assert torch.equal(tokens[:, length + 5], torch.stack([ids[:, 3], ids[:, 4], ids[:, 6], ids[:, 7]], dim=-1))
+    assert valid[:, 5].all() and not valid[:, 0, :2].any() and valid[:, 0, 2:].all()
+    for stream in (0, length):
+        assert not valid[:, stream + 7, 2:].any() and not valid[:, stream + 6, 3].any()  # block 2 is later
+    assert valid[:, 8, :2].all()  # block 2's first position reads block 1 (clean)
 
 
 def test_subs_parameterization(tester):
@@ -323,9 +355,9 @@ def test_mdlm_cache_reuses_logits_when_nothing_changed(tester):
             assert not before["committed"].any()
 
 
-@pytest.mark.parametrize("positions", ["rotary", "absolute"])
-def test_block_cache_gives_the_same_tokens_as_recomputation(positions):
-    tester = ThoughtDiffusionModelTester(block_length=4, position_embedding_type=positions)
+@pytest.mark.parametrize("positions, neighbors", [("rotary", 2), ("absolute", 0)])
+def test_block_cache_gives_the_same_tokens_as_recomputation(positions, neighbors):
+    tester = ThoughtDiffusionModelTester(block_length=4, position_embedding_type=positions, neighbor_tokens=neighbors)
     model, prompt = tester.model(attn_implementation="eager"), tester.input_ids(length=6)
     results = {}
     for cache in (True, False):
@@ -366,6 +398,21 @@ def test_generate_maps_onto_generate_with_stack(tester):
     assert sampled.sequences.shape == (2, 12) and not (sampled.sequences == MASK).any()
     unconditional = model.generate_with_stack(max_new_tokens=4, batch_size=3, top_k=1)
     assert unconditional.sequences.shape == (3, 4)
+
+
+def test_a_new_model_reads_nothing_from_the_stack():
+    """The cross-attention output starts at zero: before training the stack changes no output."""
+    tester = ThoughtDiffusionModelTester(block_length=4)
+    torch.manual_seed(0)
+    model = ThoughtDiffusionForMaskedLM(tester.config()).eval()
+    noisy = tester.input_ids()
+    noisy[:, 4:8] = MASK
+    stack = ThoughtStack.empty(model.config, 2).push(torch.randn(2, 4, 2))
+    with torch.no_grad():
+        plain = model.transformer(noisy).last_hidden_state
+        conditioned = model.transformer(noisy, thought_stack=stack).last_hidden_state
+    assert torch.equal(plain, conditioned)
+    assert all(not block.cross_attn.c_proj.weight.any() for block in model.transformer.h)
 
 
 def test_initial_stack_is_used(tester):
