@@ -29,7 +29,7 @@ Writes diffusion.json, diffusion.png and diffusion.md to --out (default outputs/
 refused unless --overwrite; benchmarks/results/diffusion only with --update-committed-results). Exits non-zero
 when a target is missed (quick mode: never, its budget is not meant to meet them).
 
-    python benchmarks/diffusion.py                        # full run (~30 min on 2 idle cores)
+    python benchmarks/diffusion.py                        # full run (~40 min on 2 idle cores)
     python benchmarks/diffusion.py --quick --out /tmp/d   # tiny budget, smoke test (about a minute)
 """
 
