@@ -715,14 +715,15 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
             valid = torch.cat([past_key_values.mask.bool(), valid], dim=1)
             blocks = torch.cat([torch.zeros_like(past) - 1, blocks], dim=1)  # earlier than any block of the call
         ids, ok, block = (F.pad(v, (k, k), value=fill) for v, fill in ((input_ids, 0), (valid, False), (blocks, -1)))
-        end = ids.shape[1] - k
-        own_block = blocks[:, -length:].unsqueeze(-1)
-        window = [slice(end - length + o, end + o) for o in (*range(-k, 0), *range(1, k + 1))]
-        tokens = torch.stack([ids[:, w] for w in window], dim=-1)
-        block = torch.stack([block[:, w] for w in window], dim=-1)
-        offset = torch.tensor([*range(-k, 0), *range(1, k + 1)], device=ids.device)
-        ok = torch.stack([ok[:, w] for w in window], dim=-1) & ((offset < 0) | (block == own_block))
-        return tokens, ok, block != own_block
+        end, own_block = ids.shape[1] - k, blocks[:, -length:]
+        tokens, readable, earlier = [], [], []
+        for offset in (*range(-k, 0), *range(1, k + 1)):  # 2k static slices
+            window = slice(end - length + offset, end + offset)
+            same = block[:, window] == own_block
+            tokens.append(ids[:, window])
+            readable.append(ok[:, window] if offset < 0 else ok[:, window] & same)
+            earlier.append(~same)
+        return torch.stack(tokens, dim=-1), torch.stack(readable, dim=-1), torch.stack(earlier, dim=-1)
 
     def _check_ids(self, input_ids):
         if input_ids is None:
