@@ -154,7 +154,7 @@ class ThoughtStack:
 class ThoughtDiffusionBlockCache:
     """Keys and values of the clean prefix (prompt and finished blocks) per layer, (B, n_head, P, head_dim), which
     of those P positions are real tokens (`mask`, (B, P) bool; left padding of a prompt is not) and their token ids
-    (`tokens`, (B, P); the token shift reads the last one)."""
+    (`tokens`, (B, P); the next call's first positions read their left neighbours there)."""
 
     def __init__(self, keys, values, mask, tokens=None):
         self.keys, self.values, self.mask = keys, values, mask
@@ -308,7 +308,7 @@ class ThoughtDiffusionBlock(GradientCheckpointingLayer):
     """Pre-LN self-attention (bidirectional or block-causal; prefix cache keys prepended) -> pre-LN cross-attention
     to the encoded thought stack, added at [MASK] positions only -> pre-LN MLP. The cross-attention's output
     projection starts at zero (as Flamingo's gated cross-attention starts closed): a new model reads nothing from
-    the stack and learns to where it helps, instead of first learning to ignore random messages."""
+    the stack and learns to read it where it helps, instead of first learning to ignore random messages."""
 
     def __init__(self, config):
         super().__init__()
