@@ -79,7 +79,8 @@ def parse_args(argv=None):
                              "pilots; the ELBO is still evaluated over (eps, 1))")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                         help="train every model under bf16 autocast (fp32 weights and optimizer; evaluation in fp32; "
-                             "default on: 1.5x faster here, the same ELBO in a pilot; --no-bf16: fp32)")
+                             "default on: faster steps (the run's bf16 claim), the same ELBO in a pilot; "
+                             "--no-bf16: fp32)")
     parser.add_argument("--eval-every", type=int, default=250,
                         help="GPT-2's test perplexity every this many steps; it keeps its best weights (default 250)")
     parser.add_argument("--neighbor-tokens", type=int, default=1,
