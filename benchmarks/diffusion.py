@@ -2,14 +2,16 @@
 
 One run, on the GPT-2 BPE (restricted to the token types of the text, see `Vocabulary`) and the shared
 wikitext-2 text:
-  train     ThoughtDiffusion (block-causal, block 16, thought stack 8, rotary positions, one neighbouring token on
-            each side), its --ablations (default `no_stack`: thought_stack_size=0, and `no_neighbors`:
-            neighbor_tokens=0; also `absolute_positions`: a learned position table, as GPT-2's) and GPT2LMHeadModel,
-            same width/depth/heads, on the same blocks of wikitext-2/valid.txt in the same order (same token budget,
-            1,500 steps of 8 x 128 tokens, about 6 passes; bf16 autocast; a plain AdamW loop, identical for all,
-            rather than Trainer, so that nothing but the model differs). GPT-2 overfits this small text within the
-            budget: it is evaluated every --eval-every steps and keeps its best weights (early stopping on the test
-            subset: the baseline at its best, the conservative choice for the diffusion model's ratios)
+  train     ThoughtDiffusion (block-causal, block 16, thought stack 8 with thought_train_prob 0.2, rotary positions, one
+            neighbouring token on each side), its --ablations (default `no_stack`: thought_stack_size=0; also
+            `no_neighbors`: neighbor_tokens=0, `absolute_positions`: a learned position table, as GPT-2's) and
+            GPT2LMHeadModel, same width/depth/heads, on the same blocks of wikitext-2/valid.txt in the same order (same
+            token budget, 1,500 steps of 8 x 128 tokens, about 6 passes; bf16 autocast; a plain AdamW loop, identical
+            for all, rather than Trainer, so that nothing but the model differs). The diffusion models train each batch
+            also with the complementary mask (--complementary-masking: every token a target once per step, as every
+            token is one for GPT-2; twice their compute per step for the same tokens). GPT-2 overfits this small text
+            within the budget: it is evaluated every --eval-every steps and keeps its best weights (early stopping on
+            the test subset: the baseline at its best, the conservative choice for the diffusion model's ratios)
   quality   the diffusion models' ELBO perplexity bound on a fixed subset of wikitext-2/test.txt (the first
             --eval-blocks blocks; t on a fixed midpoint grid of --elbo-t values, seeded masks), empty stack and
             with one self-conditioning thought (a noisier pass first, as in training); GPT-2's perplexity on the
@@ -29,7 +31,7 @@ Writes diffusion.json, diffusion.png and diffusion.md to --out (default outputs/
 refused unless --overwrite; benchmarks/results/diffusion only with --update-committed-results). Exits non-zero
 when a target is missed (quick mode: never, its budget is not meant to meet them).
 
-    python benchmarks/diffusion.py                        # full run (~40 min on 2 idle cores)
+    python benchmarks/diffusion.py                        # full run (~50 min on 2 idle cores)
     python benchmarks/diffusion.py --quick --out /tmp/d   # tiny budget, smoke test (about a minute)
 """
 
@@ -85,9 +87,15 @@ def parse_args(argv=None):
                         help="GPT-2's test perplexity every this many steps; it keeps its best weights (default 250)")
     parser.add_argument("--neighbor-tokens", type=int, default=1,
                         help="ThoughtDiffusion's neighbor_tokens (tokens on each side every input reads; default 1)")
-    parser.add_argument("--ablations", default="no_stack,no_neighbors",
+    parser.add_argument("--thought-train-prob", type=float, default=0.2,
+                        help="ThoughtDiffusion's thought_train_prob (share of batches conditioned on a noisier "
+                             "pass's thought; default 0.2: a lower ELBO than the config's 0.5 in a pilot)")
+    parser.add_argument("--complementary-masking", action=argparse.BooleanOptionalAction, default=True,
+                        help="the diffusion models train each batch also with the complementary mask (every token "
+                             "a target once per step; 2x their compute per step, the same tokens; default on)")
+    parser.add_argument("--ablations", default="no_stack",
                         help=f"ThoughtDiffusion variants trained beside it, comma-separated, from {sorted(ABLATIONS)} "
-                             "(default no_stack,no_neighbors; no_stack is needed for the thought ablation rows)")
+                             "(default no_stack, needed for the thought ablation rows; each adds about 13 minutes)")
     parser.add_argument("--eval-blocks", type=int, default=None, help="test blocks for perplexity (default 48)")
     parser.add_argument("--elbo-t", type=int, default=None, help="t grid points per block (default 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128")
@@ -121,6 +129,8 @@ def parse_args(argv=None):
     unknown = sorted(set(args.ablations) - set(ABLATIONS))
     if unknown:
         parser.error(f"--ablations must name some of {sorted(ABLATIONS)}, got {unknown}")
+    if not 0 <= args.thought_train_prob <= 1:
+        parser.error(f"--thought-train-prob must be in [0, 1], got {args.thought_train_prob}")
     if args.neighbor_tokens < 0:
         parser.error(f"--neighbor-tokens must be >= 0, got {args.neighbor_tokens}")
     if args.temperature <= 0:
@@ -161,6 +171,7 @@ def build_models(args, vocab):
     common = dict(vocab_size=vocab.size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                   num_attention_heads=args.heads, max_position_embeddings=2 * args.seq_len + args.new_tokens,
                   mask_token_id=vocab.mask_id, block_length=args.block_length, neighbor_tokens=args.neighbor_tokens,
+                  thought_train_prob=args.thought_train_prob, complementary_masking=args.complementary_masking,
                   min_train_time=args.train_time_range[0], max_train_time=args.train_time_range[1],
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=vocab.eos_id,
                   bos_token_id=vocab.eos_id, eos_token_id=vocab.eos_id)

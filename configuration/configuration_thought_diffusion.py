@@ -48,6 +48,11 @@ class ThoughtDiffusionConfig(PretrainedConfig):
             attention (MDLM), sampled with recomputation.
         label_smoothing (`float`, *optional*, defaults to 0.0): Label smoothing of the training cross-entropy (the
             reported `elbo` is never smoothed). In [0, 1).
+        complementary_masking (`bool`, *optional*, defaults to `False`): In training (t sampled by the model), run
+            each batch twice, the second copy masked exactly where the first is not (mask rate 1 - m(t), at the
+            time that gives it), so every labeled token is a target once per step: twice the compute per step for
+            the same tokens (LaViDa's complementary masking). Such a step's outputs (thoughts, `mask_rate`) cover
+            both copies.
         thought_loss_weight (`float`, *optional*, defaults to 0.01): Weight of the auxiliary thought losses in the
             training loss (0 turns them off; a curriculum stage may change it).
         thought_consistency_weight, thought_diversity_weight, thought_sparsity_weight (`float`, *optional*,
@@ -88,6 +93,7 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         max_train_time=1.0,
         block_length=None,
         label_smoothing=0.0,
+        complementary_masking=False,
         thought_loss_weight=0.01,
         thought_consistency_weight=1.0,
         thought_diversity_weight=1.0,
@@ -156,6 +162,8 @@ class ThoughtDiffusionConfig(PretrainedConfig):
             raise ValueError(f"`block_length` ({block_length}) must be at most `max_position_embeddings` "
                              f"({max_position_embeddings})")
         number("label_smoothing", label_smoothing, 0, 1, high_open=True)
+        if not isinstance(complementary_masking, bool):
+            raise ValueError(f"`complementary_masking` must be True or False, got {complementary_masking!r}")
         for name, value in (("thought_loss_weight", thought_loss_weight),
                             ("thought_consistency_weight", thought_consistency_weight),
                             ("thought_diversity_weight", thought_diversity_weight),
@@ -184,6 +192,7 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         self.max_train_time = float(max_train_time)
         self.block_length = block_length
         self.label_smoothing = float(label_smoothing)
+        self.complementary_masking = complementary_masking
         self.thought_loss_weight = float(thought_loss_weight)
         self.thought_consistency_weight = float(thought_consistency_weight)
         self.thought_diversity_weight = float(thought_diversity_weight)

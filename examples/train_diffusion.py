@@ -50,6 +50,8 @@ class ModelArguments:
     thought_loss_weight: float = field(default=0.01)
     thought_train_prob: float = field(default=0.5)
     label_smoothing: float = field(default=0.0)
+    complementary_masking: bool = field(default=False, metadata={
+        "help": "each batch also runs with the complementary mask: every token a target once per step (2x compute)"})
     dropout: float = field(default=0.0)
 
 
@@ -93,6 +95,7 @@ def build_model(args: ModelArguments, tokenizer) -> ThoughtDiffusionForMaskedLM:
         block_length=args.block_length, neighbor_tokens=args.neighbor_tokens,
         thought_loss_weight=args.thought_loss_weight,
         thought_train_prob=args.thought_train_prob, label_smoothing=args.label_smoothing,
+        complementary_masking=args.complementary_masking,
         resid_pdrop=args.dropout, embd_pdrop=args.dropout, attn_pdrop=args.dropout,
         pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
     return ThoughtDiffusionForMaskedLM(config)

@@ -8,7 +8,9 @@ positions, and the negative ELBO per token is
 
 with SUBS parameterization: the [MASK] logit is never predicted and unmasked positions carry their token over, so
 only masked positions enter the loss and copying the input earns nothing. Training draws t antithetically (one
-uniform, shifted by i/n for the n rows or blocks of a batch), which lowers the variance of the 1/t weight.
+uniform, shifted by i/n for the n rows or blocks of a batch), which lowers the variance of the 1/t weight. With
+`complementary_masking` a training batch runs twice, the second copy masked exactly where the first is not (at the
+time with mask rate 1 - m(t)): every token is a target once per step, for twice the compute (LaViDa, Li et al. 2025).
 
 Block diffusion (`config.block_length`, BD3-LM, Arriola et al. 2025): attention is bidirectional inside a block of
 `block_length` tokens and causal between blocks. Training runs the noisy text and its clean copy side by side
@@ -830,11 +832,23 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
         num_groups = 1 if cfg.block_length is None else -(-length // cfg.block_length)
         groups = blocks.clamp(0, num_groups - 1)  # time and thought groups: the row, or each block of it
 
+        complementary = self.training and cfg.complementary_masking and timesteps is None
         if timesteps is None:
             timesteps = self.sample_times((batch, num_groups), device).gather(1, groups)
         timesteps = timesteps.to(device).float()
         timesteps = timesteps.unsqueeze(1).expand(-1, length) if timesteps.dim() == 1 else timesteps
         uniform = torch.rand(batch, length, device=device)  # one per token: masks at different t are nested
+        if complementary:  # the batch again, masked where the first copy is not: 1 - u < 1 - m(t) iff u > m(t)
+            twice = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
+            input_ids, attention_mask, targets, corruptible = map(twice, (input_ids, attention_mask, targets,
+                                                                          corruptible))
+            position_ids, blocks, groups = map(twice, (position_ids, blocks, groups))
+            other = time_for_mask_rate(1 - mask_rate(timesteps, cfg.noise_schedule), cfg.noise_schedule)
+            timesteps = torch.cat([timesteps, other.clamp_min(cfg.sampling_eps)])
+            uniform = torch.cat([uniform, 1 - uniform])
+            if thought_stack is not None:
+                thought_stack = thought_stack.index_select(torch.arange(thought_stack.batch_size).repeat(2))
+            batch *= 2
         masked = corruptible & (uniform < mask_rate(timesteps, cfg.noise_schedule))
         noisy = input_ids.masked_fill(masked, cfg.mask_token_id)
         clean = input_ids if cfg.block_length is not None else None

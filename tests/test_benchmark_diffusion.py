@@ -15,7 +15,7 @@ def run(*args):
 
 
 def test_quick_run_writes_the_report(tmp_path):
-    done = run("--quick", "--out", str(tmp_path))
+    done = run("--quick", "--out", str(tmp_path), "--ablations", "no_stack,no_neighbors")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((tmp_path / "diffusion.json").read_text())
     assert set(report["training"]) == {"thought_diffusion", "no_stack", "no_neighbors", "gpt2"}
@@ -26,6 +26,7 @@ def test_quick_run_writes_the_report(tmp_path):
     assert {"gpt2", "td_2_cache", "td_4", "td_4_cache_thr"} <= set(report["sampling"])
     assert report["claims"]["encoder"]["max_abs_diff"] < 1e-4
     assert (tmp_path / "diffusion.png").stat().st_size > 0 and "| gpt2 |" in (tmp_path / "diffusion.md").read_text()
+    assert report["args"]["complementary_masking"] and report["args"]["thought_train_prob"] == 0.2
     again = run("--quick", "--out", str(tmp_path))
     assert again.returncode != 0 and "--overwrite" in again.stderr
 

@@ -105,6 +105,7 @@ def tester(request):
     (dict(position_embedding_type="alibi"), r"position_embedding_type` must be one of \('rotary', 'absolute'\)"),
     (dict(rope_theta=0), r"rope_theta` must be a number in \(0, inf\)"),
     (dict(neighbor_tokens=-1), "neighbor_tokens` must be an integer >= 0"),
+    (dict(complementary_masking=1), "complementary_masking` must be True or False"),
     (dict(hidden_size=36, num_attention_heads=4), "rotary position embeddings need an even head size"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
@@ -168,6 +169,31 @@ def test_loss_is_the_elbo_over_masked_positions_only(tester):
     assert_close(out.elbo, expected, 1e-4)
     assert out.loss > 0.5 and masked.any()
     assert not masked[:, :2].any()
+
+
+@pytest.mark.parametrize("schedule", ["log_linear", "cosine"])
+def test_complementary_masking_makes_every_token_a_target_once(tester, schedule):
+    """In training the batch runs twice: the second copy masked exactly where the first is not, at the time whose
+    mask rate is 1 - m(t); labels -100 are never masked. Given timesteps (evaluation) the batch is not doubled."""
+    model, ids = tester.model(complementary_masking=True, noise_schedule=schedule, thought_train_prob=0.0), \
+        tester.input_ids()
+    labels = ids.clone()
+    labels[:, :2] = -100
+    seen = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append((args[0], kwargs["timesteps"])), with_kwargs=True)
+    model.train()
+    out = model(ids, labels=labels)
+    model.eval()
+    with torch.no_grad():
+        model(ids, labels=labels, timesteps=torch.tensor([0.5, 0.5]))
+    hook.remove()
+    (noisy, t), (evaluated, _) = seen
+    first, second = (noisy == MASK).chunk(2)
+    assert noisy.shape[0] == 2 * ids.shape[0] and evaluated.shape == ids.shape
+    assert not (first & second).any() and ((first | second) == (labels != -100)).all()
+    assert_close(mask_rate(t[ids.shape[0]:], schedule), 1 - mask_rate(t[:ids.shape[0]], schedule), 1e-5)
+    assert 0.49 < out.mask_rate < 0.51 and torch.isfinite(out.loss)
 
 
 def test_block_model_never_sees_the_clean_tokens_of_its_own_or_later_blocks():
