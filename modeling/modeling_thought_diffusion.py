@@ -838,16 +838,11 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
         timesteps = timesteps.to(device).float()
         timesteps = timesteps.unsqueeze(1).expand(-1, length) if timesteps.dim() == 1 else timesteps
         uniform = torch.rand(batch, length, device=device)  # one per token: masks at different t are nested
-        if complementary:  # the batch again, masked where the first copy is not: 1 - u < 1 - m(t) iff u > m(t)
-            twice = lambda x: None if x is None else torch.cat([x, x])  # noqa: E731
-            input_ids, attention_mask, targets, corruptible = map(twice, (input_ids, attention_mask, targets,
-                                                                          corruptible))
-            position_ids, blocks, groups = map(twice, (position_ids, blocks, groups))
-            other = time_for_mask_rate(1 - mask_rate(timesteps, cfg.noise_schedule), cfg.noise_schedule)
-            timesteps = torch.cat([timesteps, other.clamp_min(cfg.sampling_eps)])
-            uniform = torch.cat([uniform, 1 - uniform])
-            if thought_stack is not None:
-                thought_stack = thought_stack.index_select(torch.arange(thought_stack.batch_size).repeat(2))
+        if complementary:
+            tensors = (input_ids, attention_mask, targets, corruptible, position_ids, blocks, groups)
+            tensors, timesteps, uniform, thought_stack = self._complementary_copy(tensors, timesteps, uniform,
+                                                                                  thought_stack)
+            input_ids, attention_mask, targets, corruptible, position_ids, blocks, groups = tensors
             batch *= 2
         masked = corruptible & (uniform < mask_rate(timesteps, cfg.noise_schedule))
         noisy = input_ids.masked_fill(masked, cfg.mask_token_id)
@@ -888,6 +883,17 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
             mask_rate=masked.sum() / corruptible.sum().clamp_min(1), new_thought=out.new_thought,
             thought_stack=out.thought_stack, hidden_states=out.hidden_states, attentions=out.attentions,
             **{k: (v if k == "thought_loss" else v.detach()) for k, v in parts.items()})
+
+    def _complementary_copy(self, tensors, timesteps, uniform, thought_stack):
+        """The batch twice (`tensors` concatenated with themselves), the second copy masked exactly where the first
+        is not: its uniforms are 1 - u and its time has mask rate 1 - m(t), and 1 - u < 1 - m(t) iff u > m(t)."""
+        cfg = self.config
+        other = time_for_mask_rate(1 - mask_rate(timesteps, cfg.noise_schedule), cfg.noise_schedule)
+        if thought_stack is not None:
+            thought_stack = thought_stack.index_select(torch.arange(thought_stack.batch_size).repeat(2))
+        return ([None if x is None else torch.cat([x, x]) for x in tensors],
+                torch.cat([timesteps, other.clamp_min(cfg.sampling_eps)]), torch.cat([uniform, 1 - uniform]),
+                thought_stack)
 
     def _push_noisier_thoughts(self, stack, input_ids, corruptible, uniform, timesteps, kwargs):
         """`thought_train_hops` passes at times between t and 1 (noisiest first, masks nested in each other's),
