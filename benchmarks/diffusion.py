@@ -95,7 +95,8 @@ def parse_args(argv=None):
                              "a target once per step; 2x their compute per step, the same tokens; default on)")
     parser.add_argument("--ablations", default="no_stack",
                         help=f"ThoughtDiffusion variants trained beside it, comma-separated, from {sorted(ABLATIONS)} "
-                             "(default no_stack, needed for the thought ablation rows; each adds about 13 minutes)")
+                             "(default no_stack, needed for the thought ablation rows; 13 minutes of training in the "
+                             "committed run)")
     parser.add_argument("--eval-blocks", type=int, default=None, help="test blocks for perplexity (default 48)")
     parser.add_argument("--elbo-t", type=int, default=None, help="t grid points per block (default 8)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 128")
