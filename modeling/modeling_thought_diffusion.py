@@ -158,9 +158,8 @@ class ThoughtDiffusionBlockCache:
     of those P positions are real tokens (`mask`, (B, P) bool; left padding of a prompt is not) and their token ids
     (`tokens`, (B, P); the next call's first positions read their left neighbours there)."""
 
-    def __init__(self, keys, values, mask, tokens=None):
-        self.keys, self.values, self.mask = keys, values, mask
-        self.tokens = torch.zeros(mask.shape, dtype=torch.long, device=mask.device) if tokens is None else tokens
+    def __init__(self, keys, values, mask, tokens):
+        self.keys, self.values, self.mask, self.tokens = keys, values, mask, tokens
 
     @property
     def length(self):
@@ -691,41 +690,41 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
              "noisy_stream": torch.zeros_like(valid)}
         k = self.config.neighbor_tokens
         if k:
-            x["neighbor_tokens"], x["neighbor_valid"], earlier = self._neighbors(input_ids, valid, blocks, k,
-                                                                                 past_key_values)
+            streams = [input_ids] if clean_input_ids is None else [input_ids, clean_input_ids]
+            neighbors, x["neighbor_valid"], earlier = self._neighbors(streams, valid, blocks, k, past_key_values)
+            x["neighbor_tokens"] = neighbors[0]
         if clean_input_ids is None:
             return x
         x = {key: value.repeat(1, 2, *([1] * (value.dim() - 2))) for key, value in x.items()}
         x["tokens"] = torch.cat([input_ids, clean_input_ids], dim=1)
         if k:  # a noisy block reads its neighbours in earlier blocks from the clean copy (as when sampling)
-            clean_neighbors = self._neighbors(clean_input_ids, valid, blocks, k)[0]
-            noisy_neighbors = torch.where(earlier, clean_neighbors, x["neighbor_tokens"][:, :length])
-            x["neighbor_tokens"] = torch.cat([noisy_neighbors, clean_neighbors], dim=1)
+            noisy, clean = neighbors
+            x["neighbor_tokens"] = torch.cat([torch.where(earlier, clean, noisy), clean], dim=1)
         x["is_mask"][:, length:] = False
         x["noisy_stream"][:, :length] = True
         return x
 
     @staticmethod
-    def _neighbors(input_ids, valid, blocks, k, past_key_values=None):
-        """The k tokens on each side of every position, (B, T, 2k) (offsets -k..-1, 1..k), whether each is a real
+    def _neighbors(streams, valid, blocks, k, past_key_values=None):
+        """For each token tensor of `streams` ((B, T) each, sharing `valid` and `blocks`), the k tokens on each side
+        of every position, (B, T, 2k) (offsets -k..-1, 1..k); then, shared by the streams, whether each is a real
         token the position may read (left: any; right: its own block only) and whether it lies in an earlier block.
         The cache's last tokens precede the first positions; outside the text there are none."""
-        length = input_ids.shape[1]
+        length = valid.shape[1]
         if past_key_values is not None:
             past = past_key_values.tokens
-            input_ids = torch.cat([past, input_ids], dim=1)
+            streams = [torch.cat([past, ids], dim=1) for ids in streams]
             valid = torch.cat([past_key_values.mask.bool(), valid], dim=1)
             blocks = torch.cat([torch.zeros_like(past) - 1, blocks], dim=1)  # earlier than any block of the call
-        ids, ok, block = (F.pad(v, (k, k), value=fill) for v, fill in ((input_ids, 0), (valid, False), (blocks, -1)))
-        end, own_block = ids.shape[1] - k, blocks[:, -length:]
-        tokens, readable, earlier = [], [], []
-        for offset in (*range(-k, 0), *range(1, k + 1)):  # 2k static slices
-            window = slice(end - length + offset, end + offset)
-            same = block[:, window] == own_block
-            tokens.append(ids[:, window])
-            readable.append(ok[:, window] if offset < 0 else ok[:, window] & same)
-            earlier.append(~same)
-        return torch.stack(tokens, dim=-1), torch.stack(readable, dim=-1), torch.stack(earlier, dim=-1)
+        padded = [F.pad(ids, (k, k), value=0) for ids in streams]
+        ok, block = F.pad(valid, (k, k), value=False), F.pad(blocks, (k, k), value=-1)
+        end, own_block = ok.shape[1] - k, blocks[:, -length:]
+        offsets = (*range(-k, 0), *range(1, k + 1))
+        windows = [slice(end - length + offset, end + offset) for offset in offsets]  # 2k static slices
+        same = [block[:, window] == own_block for window in windows]
+        readable = [ok[:, w] if offset < 0 else ok[:, w] & s for offset, w, s in zip(offsets, windows, same)]
+        tokens = [torch.stack([ids[:, window] for window in windows], dim=-1) for ids in padded]
+        return tokens, torch.stack(readable, dim=-1), ~torch.stack(same, dim=-1)
 
     def _check_ids(self, input_ids):
         if input_ids is None:
