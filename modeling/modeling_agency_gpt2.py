@@ -726,7 +726,7 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
 
 
 class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
-    _tied_weights_keys = ["lm_head.weight"]
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: AgencyGPT2Config):
         super().__init__(config)

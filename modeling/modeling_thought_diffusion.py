@@ -739,7 +739,7 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
     """The denoiser with its (tied) output head, the diffusion loss and the samplers (`generate_with_stack`,
     `generate`)."""
 
-    _tied_weights_keys = ["lm_head.weight"]
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
     accepts_loss_kwargs = False  # the loss is a per-token ELBO mean: Trainer scales it for gradient accumulation
 
     def __init__(self, config: ThoughtDiffusionConfig):

@@ -632,7 +632,7 @@ def next_token_targets(labels, attention_mask=None):
 
 
 class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
-    _tied_weights_keys = ["lm_head.weight"]
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
 
     def __init__(self, config: UnifiedARMTConfig):
         super().__init__(config)
