@@ -1,35 +1,58 @@
 # Two entry points, both self-contained on a fresh machine:
 #   make demo   -- the main job (train a small GPT-2, convert to AgencyGPT2, prune, compare, reload, generate)
-#   make test   -- the test suite
-PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.installed
+#   make test   -- lint, then the test suite on both supported stacks
+#
+# Two virtualenvs, each created or refreshed when pyproject.toml changes:
+#   .venv      the newest transformers 5.x / huggingface_hub the ranges admit (the demo runs here)
+#   .venv-457  transformers 4.57.x with optimum-onnx 0.1.0 (its latest release, which needs transformers < 4.58)
+# torch is installed first in each, so the CPU wheel is used.
+PYTHON   ?= python3
+VENV     ?= .venv
+VENV_457 ?= .venv-457
+PY       := $(VENV)/bin/python
+PY_457   := $(VENV_457)/bin/python
+PYTEST   := -m pytest -n 2 --dist loadfile tests
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test test-newest test-457 bench venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installs whenever pyproject.toml changes. torch is pinned first so the CPU wheel is used.
-$(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,bench]"
-	touch $(STAMP)
+$(PY_457):
+	$(PYTHON) -m venv $(VENV_457)
 
-venv: $(STAMP)
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q --upgrade -e ".[dev,bench]"
+	touch $@
 
-demo: $(STAMP)
+$(VENV_457)/.installed: pyproject.toml | $(PY_457)
+	$(PY_457) -m pip install -q --upgrade pip
+	$(PY_457) -m pip install -q torch==2.13.0
+	$(PY_457) -m pip install -q --upgrade -e ".[dev,bench,onnx]" "transformers==4.57.*"
+	touch $@
+
+venv: $(VENV)/.installed $(VENV_457)/.installed
+
+demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/pytest -n 2 --dist loadfile tests
+test: test-newest test-457
 
-bench: $(STAMP)
+test-newest: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(PY) -c "import transformers, huggingface_hub; print('stack: transformers', transformers.__version__, \
+	'huggingface_hub', huggingface_hub.__version__)"
+	$(PY) $(PYTEST)
+
+test-457: $(VENV_457)/.installed
+	$(PY_457) -c "import transformers, huggingface_hub; print('stack: transformers', transformers.__version__, \
+	'huggingface_hub', huggingface_hub.__version__)"
+	$(PY_457) $(PYTEST)
+
+bench: $(VENV)/.installed
 	$(PY) benchmarks/agency_speed.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_457) build *.egg-info

@@ -60,6 +60,8 @@ def check_model_location(name: str):
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError, RepositoryNotFoundError
 
+    from .compat import HUB_UNREACHABLE_ERRORS
+
     try:
         if isinstance(try_to_load_from_cache(name, "config.json"), str):
             return
@@ -72,7 +74,7 @@ def check_model_location(name: str):
         HfApi().model_info(name, timeout=10)
     except RepositoryNotFoundError:
         raise SystemExit(f"error: no folder {name!r} here, and no model {name!r} on the Hub.")
-    except OSError as error:  # requests' ConnectionError and timeouts are OSErrors
+    except HUB_UNREACHABLE_ERRORS as error:  # no answer (connection refused, timeout), or an HTTP error answer
         raise SystemExit(f"error: no folder {name!r} here, and the Hub cannot be reached to look for a model of that "
                          f"name ({type(error).__name__}).")
 
@@ -301,7 +303,7 @@ def main(argv=None):
 
     try:
         args.func(args)
-    except (ValueError, OSError, SafetensorError) as error:  # bad input, missing/broken files: one line, exit 1
+    except (ValueError, OSError, SafetensorError, ImportError) as error:  # bad input, broken files, missing extra
         raise SystemExit(f"error: {' '.join(str(error).split())}")
 
 

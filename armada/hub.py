@@ -3,7 +3,7 @@
     push("outputs/demo", "me/agency-demo", results=["outputs/demo/demo_summary.json"])    # armada push DIR REPO
     pull("me/agency-demo", "models/agency-demo", revision="main")                         # armada pull REPO DIR
 
-`push` uploads a checkpoint folder (model or PEFT adapter) as ONE commit (`HfApi.upload_folder`), so an interrupted
+`push` uploads a checkpoint folder (model or PEFT adapter) as ONE commit (`HfApi.create_commit`), so an interrupted
 push leaves the repo at its previous commit: the config, the safetensors weights (pickled `.bin` weights are
 refused), the tokenizer files, the model's own code (`configuration_*.py`, `modeling_*.py` and `auto_map`, written
 by `save_pretrained`, so that `trust_remote_code=True` loads it without armada), a model card (the folder's
@@ -127,7 +127,7 @@ def push(folder, repo_id, *, private=False, revision=None, token=None, results=(
     exist. `results`: JSON files from armada's evaluation/benchmark code, for the model card (see
     `armada.hub_cards`); without them the folder's README.md is pushed, or a card without results if it has none.
     """
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
     from huggingface_hub.errors import HfHubHTTPError
 
     validate_repo_id(repo_id)
@@ -146,7 +146,15 @@ def push(folder, repo_id, *, private=False, revision=None, token=None, results=(
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
             if revision is not None:
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, delete_patterns="*",
+            # The staged files, and the deletion of every other file of the repo but .gitattributes, in one commit:
+            # upload_folder(delete_patterns="*") builds the same, but huggingface_hub 2.x's (with hf_xet) may split a
+            # folder into several commits.
+            files = sorted(os.path.relpath(os.path.join(root, name), staging).replace(os.sep, "/")
+                           for root, _, names in os.walk(staging) for name in names)
+            stale = set(api.list_repo_files(repo_id, revision=revision)) - set(files) - {".gitattributes"}
+            operations = [CommitOperationDelete(path_in_repo=path) for path in sorted(stale)] + [
+                CommitOperationAdd(path_in_repo=path, path_or_fileobj=os.path.join(staging, path)) for path in files]
+            return api.create_commit(repo_id, operations, revision=revision,
                                      commit_message=commit_message or f"Upload {kind} with armada {__version__}")
         except HfHubHTTPError as error:
             if error.response is not None and error.response.status_code == 401:

@@ -20,20 +20,25 @@ from typing import Optional
 
 import numpy as np
 import torch
-from optimum.onnxruntime import ORTModel, ORTModelForCausalLM
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, GenerationConfig, GenerationMixin
-from transformers.modeling_outputs import ModelOutput
 
-import armada  # noqa: F401  (registers the configurations with AutoConfig)
-from armada import ThoughtDiffusionForMaskedLM, UnifiedARMTForCausalLM
-from armada.modeling.modeling_thought_diffusion import (
+from armada.compat import require_onnx_export
+
+require_onnx_export()  # one clear line instead of optimum's ModuleNotFoundError
+
+from optimum.onnxruntime import ORTModel, ORTModelForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, GenerationConfig, GenerationMixin  # noqa: E402
+from transformers.modeling_outputs import ModelOutput  # noqa: E402
+
+import armada  # noqa: E402,F401  (registers the configurations with AutoConfig)
+from armada import ThoughtDiffusionForMaskedLM, UnifiedARMTForCausalLM  # noqa: E402
+from armada.modeling.modeling_thought_diffusion import (  # noqa: E402
     ThoughtDiffusionBlockCache,
     ThoughtDiffusionMaskedLMOutput,
     ThoughtDiffusionModel,
     ThoughtStack,
 )
 
-from .export.onnx_configs import (
+from .export.onnx_configs import (  # noqa: E402
     armt_state_names,
     armt_state_shapes,
     diffusion_cache_names,

@@ -40,6 +40,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from armada import AgencyGPT2ForCausalLM  # noqa: E402
+from armada.compat import prune_gpt2_heads  # noqa: E402
 from armada.pruning import score_heads, select_heads  # noqa: E402
 from benchmarks import common  # noqa: E402
 
@@ -105,7 +106,7 @@ def build_variants(baseline):
         peer = copy.deepcopy(baseline).eval()
         if heads[level]:
             agency.prune_heads(heads[level])
-            peer.prune_heads(heads[level])
+            prune_gpt2_heads(peer, heads[level])
         variants[("agency", level)] = agency
         variants[("peer", level)] = peer
     return heads, variants

@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import armada  # noqa: E402,F401
 from armada import AgencyGPT2ForCausalLM  # noqa: E402
+from armada.compat import prune_gpt2_heads  # noqa: E402
 from armada.data import build_lm_datasets, load_text, tokenize_into_blocks  # noqa: E402
 from armada.evaluation import (  # noqa: E402
     generate_texts,
@@ -339,7 +340,7 @@ def prune_sweep(args, baseline, agency, calibration, rows):
             selection = select_heads(scores[strategy], level)
             pruned_gpt2 = copy.deepcopy(baseline)
             try:
-                pruned_gpt2.prune_heads(selection)
+                prune_gpt2_heads(pruned_gpt2, selection)
                 rows.add("baseline_pruned", strategy, level, pruned_gpt2, selection)
             except ValueError as error:  # transformers' GPT-2 cannot run a layer left with no head
                 failures.append({"variant": "baseline_pruned", "strategy": strategy, "level": level,

@@ -77,7 +77,7 @@ class AgencyGPT2Config(PretrainedConfig):
     Args:
         vocab_size, n_positions, n_embd, n_layer, n_head, n_inner, activation_function, resid_pdrop, embd_pdrop,
         attn_pdrop, layer_norm_epsilon, initializer_range, scale_attn_weights, scale_attn_by_inverse_layer_idx,
-        use_cache, bos_token_id, eos_token_id:
+        use_cache, bos_token_id, eos_token_id, pad_token_id, tie_word_embeddings:
             As in `GPT2Config`.
         pruned_heads (`dict[int, list[int]]`, *optional*):
             Heads physically removed from each layer (original head indices). Written by `prune_heads`; read at
@@ -150,6 +150,8 @@ class AgencyGPT2Config(PretrainedConfig):
         use_cache=True,
         bos_token_id=50256,
         eos_token_id=50256,
+        pad_token_id=None,
+        tie_word_embeddings=True,
         pruned_heads=None,
         optimization_level=0,
         use_unet_skips=None,
@@ -223,7 +225,8 @@ class AgencyGPT2Config(PretrainedConfig):
         self.regrowth_gate = float(regrowth_gate)
 
         _warn_unknown_keys(self, kwargs)
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                         tie_word_embeddings=tie_word_embeddings, **kwargs)
         # Set after the base class, which has its own (v4-only) handling of this field.
         self.pruned_heads = self._validated_pruned_heads(pruned_heads or {})
 

@@ -295,8 +295,22 @@ def export_int8(model_dir, **kwargs):
     return out, report
 
 
+def onnx_skipped():
+    """None where ONNX export can run here, else the note the demo records instead of its ONNX results."""
+    from armada.compat import onnx_export_missing
+
+    reason = onnx_export_missing()
+    if reason:
+        print(f"ONNX export skipped: {reason}")
+        return {"skipped": reason}
+    return None
+
+
 def onnx_demo(model_dir, tokenizer, args):
     """Export the saved AgencyGPT2 to ONNX + int8 and generate from the int8 file with ONNX Runtime."""
+    skipped = onnx_skipped()
+    if skipped:
+        return skipped
     from armada.onnxruntime import ORTAgencyGPT2ForCausalLM
 
     out, report = export_int8(model_dir)
@@ -378,6 +392,9 @@ def armt_memory_demo(args):
         "training": [f"Produced by `examples/demo.py`: {args.armt_steps} Trainer steps, batch 32, lr 3e-3 on "
                      f"generated MemoryRetrieval samples (seed {args.seed}), CPU"]})
 
+    skipped = onnx_skipped()
+    if skipped:
+        return {**info, "saved_to": folder, "onnx": skipped}
     from armada.onnxruntime import ORTUnifiedARMTForCausalLM
 
     onnx_dir, report = export_int8(folder, sample_ids=test[:64].flatten().tolist())
@@ -449,6 +466,9 @@ def diffusion_demo(train, evals, tokenizer, args):
         "training": [f"Produced by `examples/demo.py`: {args.diffusion_steps} AdamW steps, batch 8 x 64 tokens of "
                      f"the Shakespeare training text, CPU"]})
 
+    skipped = onnx_skipped()
+    if skipped:
+        return {**info, "saved_to": folder, "onnx": skipped}
     from armada.onnxruntime import ORTThoughtDiffusionForMaskedLM
 
     onnx_dir, report = export_int8(folder, sample_ids=held_out.flatten().tolist())

@@ -395,7 +395,7 @@ Without armada, the checkpoint carries its own code (`configuration_*.py`, `mode
 from transformers import AutoTokenizer, {auto_class}
 
 model = {auto_class}.from_pretrained("{repo_id}", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("{repo_id}")
+tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)  # reads the same config.json
 ```"""
 
 

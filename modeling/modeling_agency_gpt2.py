@@ -23,6 +23,10 @@ from transformers.pytorch_utils import Conv1D
 
 from ..configuration.configuration_agency_gpt2 import AGENCY_STATES, AgencyGPT2Config
 
+# transformers 4.57 names the cache `past_key_values`; 5.x renamed it `cache` (in generate, forward and outputs) and
+# warns on the old name. Forward passes accept both; outputs use the field the installed version declares.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 ACTIVE, OVERLOADED, MISALIGNED, WITHDRAWN = range(4)
 # The agency state of every head: [n_layer, n_head] buffers saved with the model, name -> (dtype, value at reset).
 AGENCY_BUFFERS = {
@@ -102,10 +106,11 @@ class AgencyGPT2Attention(nn.Module):
         self.layer_idx = layer_idx
         self.cache_idx = layer_idx if cache_idx is None else cache_idx
         self.head_dim = config.n_embd // config.n_head
-        kept = config.kept_heads(layer_idx) if prunable else list(range(config.n_head))
+        self.prunable = prunable
+        kept = self.kept_heads()
         self.num_heads = len(kept)
         # Original indices of the heads kept here; gates/states are looked up through it after pruning.
-        self.register_buffer("head_index", torch.tensor(kept, dtype=torch.long), persistent=False)
+        self.register_buffer("head_index", kept, persistent=False)
         inner = self.num_heads * self.head_dim
         self.c_attn = Conv1D(3 * inner, config.n_embd)
         self.c_proj = Conv1D(config.n_embd, inner)
@@ -115,6 +120,11 @@ class AgencyGPT2Attention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             self.scaling /= float(layer_idx + 1)
         self.is_causal = True
+
+    def kept_heads(self) -> torch.Tensor:
+        """Original indices of the heads this layer has by its config (config.pruned_heads), in order."""
+        kept = self.config.kept_heads(self.layer_idx) if self.prunable else range(self.config.n_head)
+        return torch.tensor(list(kept), dtype=torch.long)
 
     def prune_heads(self, heads):
         """Remove the heads with original indices `heads` (those already gone are ignored)."""
@@ -303,31 +313,41 @@ class AgencyGPT2PreTrainedModel(PreTrainedModel):
             (Path(save_directory) / config_code.name).write_text(config_code.read_text(encoding="utf-8"),
                                                                  encoding="utf-8")
 
+    def _initialize_weights(self, module, *args, **kwargs):
+        # transformers 5 skips, in remote code, every module that owns no parameter itself, so `_init_weights` would
+        # never see the modules whose children it scales or zeroes below; nothing here needs that shortcut.
+        super()._initialize_weights(module)
+
     def _init_weights(self, module):
+        # torch.nn.init functions, never `.data.normal_()`: transformers 5 loads a checkpoint into a model built on the
+        # meta device and then runs this for every module, with those functions made to skip what it loaded.
         std = self.config.initializer_range
         if isinstance(module, AgencyGPT2ZeroInitLinear):
-            module.weight.data.zero_()
+            nn.init.zeros_(module.weight)
             if module.bias is not None:
-                module.bias.data.zero_()
+                nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.Linear, Conv1D)):
-            module.weight.data.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                module.bias.data.zero_()
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
+            nn.init.zeros_(module.bias)
+            nn.init.ones_(module.weight)
         elif isinstance(module, AgencyGPT2Model):
-            module.head_gates.data.fill_(1.0)
+            nn.init.ones_(module.head_gates)
             module.reset_agency_state()
+            module.state_scale.copy_(module.state_scales())  # not saved: transformers 5 leaves it empty on load
             if module.fusion_gates is not None:
-                module.fusion_gates.data.zero_()
+                nn.init.zeros_(module.fusion_gates)
             if module.hybrid_gate is not None:
-                module.hybrid_gate.data.zero_()
+                nn.init.zeros_(module.hybrid_gate)
         # GPT-2's scaled init of the residual projections (2 residual sublayers per block).
         if isinstance(module, (AgencyGPT2Attention, AgencyGPT2MLP)):
-            module.c_proj.weight.data.normal_(mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        if isinstance(module, AgencyGPT2Attention):
+            module.head_index.copy_(module.kept_heads())  # not saved: transformers 5 leaves it empty on load
 
     # ------------------------------------------------------------------ pruning
     def prune_heads(self, heads_to_prune: dict):
@@ -526,9 +546,7 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
         self.head_gates = nn.Parameter(torch.ones(L, H))
         for name, (dtype, value) in AGENCY_BUFFERS.items():
             self.register_buffer(name, torch.full((L, H), value, dtype=dtype))
-        self.register_buffer(
-            "state_scale", torch.tensor([1.0, config.overloaded_scale, config.misaligned_scale, 0.0]), persistent=False
-        )
+        self.register_buffer("state_scale", self.state_scales(), persistent=False)
 
         # U-Net skips: the output of layer i feeds the input of layer L-1-i through a zero-initialized projection.
         self.unet_pairs = [(i, L - 1 - i) for i in range(L // 2)] if config.use_unet_skips else []
@@ -555,10 +573,14 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
     def set_input_embeddings(self, new_embeddings):
         self.wte = new_embeddings
 
+    def state_scales(self) -> torch.Tensor:
+        """Output factor of a head in each agency state: active, overloaded, misaligned, withdrawn."""
+        return torch.tensor([1.0, self.config.overloaded_scale, self.config.misaligned_scale, 0.0])
+
     @torch.no_grad()
     def reset_agency_state(self):
         for name, (_, value) in AGENCY_BUFFERS.items():
-            getattr(self, name).fill_(value)
+            nn.init.constant_(getattr(self, name), value)
 
     def _first_attending_layer(self) -> int:
         """Cache slot that tells the cached length (a layer with every head pruned stores empty keys)."""
@@ -595,9 +617,11 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         cache_position: Optional[torch.LongTensor] = None,
+        cache: Optional[Cache] = None,
         **kwargs,
     ) -> Union[tuple, BaseModelOutputWithPast]:
         cfg = self.config
+        past_key_values = cache if cache is not None else past_key_values
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         use_cache = use_cache if use_cache is not None else cfg.use_cache
@@ -638,7 +662,7 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
             )
         return BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values if use_cache else None,
+            **{CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=all_hidden_states,
             attentions=all_attentions,
         )
@@ -754,12 +778,13 @@ class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         cache_position: Optional[torch.LongTensor] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        cache: Optional[Cache] = None,
         **kwargs,
     ) -> Union[tuple, CausalLMOutputWithPast]:
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         outputs = self.transformer(
             input_ids=input_ids,
-            past_key_values=past_key_values,
+            past_key_values=cache if cache is not None else past_key_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
@@ -769,7 +794,7 @@ class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
             return_dict=True,
             cache_position=cache_position,
         )
-        hidden_states = outputs.last_hidden_state
+        hidden_states, past_key_values = outputs.last_hidden_state, outputs.get(CACHE_FIELD)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])
         loss = None
@@ -777,13 +802,13 @@ class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         if not return_dict:
             output = (logits,) + tuple(
-                v for v in (outputs.past_key_values, outputs.hidden_states, outputs.attentions) if v is not None
+                v for v in (past_key_values, outputs.hidden_states, outputs.attentions) if v is not None
             )
             return ((loss,) + output) if loss is not None else output
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_FIELD: past_key_values},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )

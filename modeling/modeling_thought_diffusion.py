@@ -348,9 +348,12 @@ class TimestepEmbedding(nn.Module):
         super().__init__()
         self.linear_1 = nn.Linear(config.hidden_size, config.hidden_size)
         self.linear_2 = nn.Linear(config.hidden_size, config.hidden_size)
-        half = config.hidden_size // 2
-        self.register_buffer("frequencies", torch.exp(-math.log(10000.0) * torch.arange(half) / half),
-                             persistent=False)
+        self.register_buffer("frequencies", self.sinusoid_frequencies(config.hidden_size), persistent=False)
+
+    @staticmethod
+    def sinusoid_frequencies(hidden_size):
+        half = hidden_size // 2
+        return torch.exp(-math.log(10000.0) * torch.arange(half) / half)
 
     def forward(self, t, dtype):
         angles = 1000 * t.float().unsqueeze(-1) * self.frequencies
@@ -479,24 +482,33 @@ class ThoughtDiffusionPreTrainedModel(PreTrainedModel):
             (Path(save_directory) / config_code.name).write_text(config_code.read_text(encoding="utf-8"),
                                                                  encoding="utf-8")
 
+    def _initialize_weights(self, module, *args, **kwargs):
+        # transformers 5 skips, in remote code, every module that owns no parameter itself, so `_init_weights` would
+        # never see the modules whose children it scales or zeroes below; nothing here needs that shortcut.
+        super()._initialize_weights(module)
+
     def _init_weights(self, module):
+        # torch.nn.init functions, never `.data.normal_()`: transformers 5 loads a checkpoint into a model built on the
+        # meta device and then runs this for every module, with those functions made to skip what it loaded.
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.data.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                module.bias.data.zero_()
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
+            nn.init.zeros_(module.bias)
+            nn.init.ones_(module.weight)
+        elif isinstance(module, TimestepEmbedding):  # not saved: transformers 5 leaves it empty on load
+            module.frequencies.copy_(module.sinusoid_frequencies(self.config.hidden_size))
         elif isinstance(module, LearnableTemporalPooling):
-            module.query.data.normal_(mean=0.0, std=std)
-            module.null.data.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.query, mean=0.0, std=std)
+            nn.init.normal_(module.null, mean=0.0, std=std)
         if isinstance(module, (ThoughtDiffusionAttention, ThoughtDiffusionMLP)):
-            module.c_proj.weight.data.normal_(mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
         if isinstance(module, ThoughtDiffusionBlock) and hasattr(module, "cross_attn"):
-            module.cross_attn.c_proj.weight.data.zero_()  # the stack starts as a no-op (ThoughtDiffusionBlock)
+            nn.init.zeros_(module.cross_attn.c_proj.weight)  # the stack starts as a no-op (ThoughtDiffusionBlock)
 
 
 class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
@@ -1103,7 +1115,8 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
         """`generate()` as users call it, mapped onto `generate_with_stack`: greedy (top_k=1) unless
         `do_sample=True`; returns prompt + new tokens (or the full output with `return_dict_in_generate`). Other
         keywords (`remasking`, `block_length`, `confidence_threshold`, `initial_stack`, ...) pass through."""
-        config = generation_config or self.generation_config
+        # (transformers 5 sets `generation_config` only on GenerationMixin models)
+        config = generation_config or getattr(self, "generation_config", None)
         max_new_tokens = max_new_tokens or getattr(config, "max_new_tokens", None) or 20
         do_sample = do_sample if do_sample is not None else bool(getattr(config, "do_sample", False))
         if do_sample:

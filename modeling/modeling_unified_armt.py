@@ -351,23 +351,30 @@ class UnifiedARMTPreTrainedModel(PreTrainedModel):
             (Path(save_directory) / config_code.name).write_text(config_code.read_text(encoding="utf-8"),
                                                                  encoding="utf-8")
 
+    def _initialize_weights(self, module, *args, **kwargs):
+        # transformers 5 skips, in remote code, every module that owns no parameter itself, so `_init_weights` would
+        # never see the modules whose children it scales or zeroes below; nothing here needs that shortcut.
+        super()._initialize_weights(module)
+
     def _init_weights(self, module):
+        # torch.nn.init functions, never `.data.normal_()`: transformers 5 loads a checkpoint into a model built on the
+        # meta device and then runs this for every module, with those functions made to skip what it loaded.
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            module.weight.data.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                module.bias.data.zero_()
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            module.weight.data.normal_(mean=0.0, std=std)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.LayerNorm):
-            module.bias.data.zero_()
-            module.weight.data.fill_(1.0)
+            nn.init.zeros_(module.bias)
+            nn.init.ones_(module.weight)
         if isinstance(module, UnifiedARMTAssociativeMemory):
-            module.v_proj.weight.data.zero_()  # memory starts silent: the model begins as a plain transformer
+            nn.init.zeros_(module.v_proj.weight)  # memory starts silent: the model begins as a plain transformer
         elif isinstance(module, (UnifiedARMTAttention, UnifiedARMTMLP)):
-            module.c_proj.weight.data.normal_(mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
-        elif isinstance(module, UnifiedARMTModel):
-            module.init_memory_tokens()
+            nn.init.normal_(module.c_proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+        elif isinstance(module, UnifiedARMTModel) and not getattr(module.memory_tokens, "_is_hf_initialized", False):
+            module.init_memory_tokens()  # (transformers 5 flags what it loaded; 4.57 skips loaded modules instead)
 
 
 class UnifiedARMTModel(UnifiedARMTPreTrainedModel):

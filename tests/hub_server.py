@@ -227,7 +227,9 @@ class HubServer:
             raise HubError(400, f"Invalid repo name {repo_id!r}.")
         if repo_id in self.repos:
             return self._json({"error": "You already created this model repo", "url": f"{self.url}/{repo_id}"}, 409)
-        repo = self.repos[repo_id] = Repo(repo_id, private=bool(body.get("private")))
+        # huggingface_hub 0.x sends {"private": bool}, 1.x and later {"visibility": "private" | "public"}
+        private = body.get("visibility", "private" if body.get("private") else "public") == "private"
+        repo = self.repos[repo_id] = Repo(repo_id, private=private)
         repo.commit("main", {".gitattributes": Blob(GITATTRIBUTES.encode(), lfs=False)}, "initial commit")
         return self._json({"url": f"{self.url}/{repo_id}", "name": repo_id, "id": repo_id})
 

@@ -1,10 +1,13 @@
 """examples/demo.py --quick (what `make demo` runs, with small budgets) end to end: every model it saves reloads,
-carries a model card built from its measured results, and has an int8 ONNX export beside it."""
+carries a model card built from its measured results, and has an int8 ONNX export beside it (where the onnx extra
+installs: transformers 4.57; elsewhere the summary says why the exports were skipped)."""
 
 import json
 import os
 import subprocess
 import sys
+
+from armada.compat import onnx_export_missing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,13 +24,19 @@ def test_quick_demo_saves_cards_and_onnx_exports(tmp_path):
         assert config["model_type"] == model_type
         card = (folder / "README.md").read_text()
         assert "model-index" in card and f"modeling_{model_type}.py" in os.listdir(folder)
+        if onnx_export_missing():
+            assert not (tmp_path / f"{folder.name}_onnx").exists()
+            continue
         report = json.loads((tmp_path / f"{folder.name}_onnx" / "export_report.json").read_text())
         # int8 agreement is enforced for trained models only (5 s of GPT-2 training is not one)
         assert report["fp32"]["pass"] and (report["int8"]["pass"] or not report["int8"]["enforced"])
-    armt = summary["armt"]
-    assert abs(armt["onnx"]["accuracy_memory_kept_int8"] - armt["accuracy_memory_kept"]) <= 0.05  # int8 answers
+    armt, diffusion = summary["armt"], summary["diffusion"]
+    if onnx_export_missing():
+        assert summary["onnx"] == armt["onnx"] == diffusion["onnx"] == {"skipped": onnx_export_missing()}
+    else:
+        assert abs(armt["onnx"]["accuracy_memory_kept_int8"] - armt["accuracy_memory_kept"]) <= 0.05  # int8 answers
+        assert 0 <= diffusion["onnx"]["int8_greedy_agreement"] <= 1
     results = json.loads((tmp_path / "demo_armt" / "eval_results.json").read_text())["eval_results"]
     assert results[0]["metric_value"] == round(armt["accuracy_memory_kept"], 4)
-    diffusion = summary["diffusion"]
-    assert diffusion["elbo_perplexity_held_out"]["perplexity"] > 1 and 0 <= diffusion["onnx"]["int8_greedy_agreement"]
+    assert diffusion["elbo_perplexity_held_out"]["perplexity"] > 1
     assert "ThoughtDiffusion" in done.stdout and "[MASK]" not in diffusion["sample"]

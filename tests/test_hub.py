@@ -24,6 +24,7 @@ import transformers
 from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from armada import (
     ARCHITECTURES,
@@ -116,9 +117,11 @@ def hub_env(hub, monkeypatch, tmp_path):
     template = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-    monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+    if hasattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE"):  # huggingface_hub 0.x imports its own copy
+        monkeypatch.setattr(file_download, "HUGGINGFACE_CO_URL_TEMPLATE", template)
     monkeypatch.setattr(hf_api.api, "endpoint", hub.url)  # behind huggingface_hub.file_exists & co.
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)  # the loopback Hub serves LFS, not Xet
     monkeypatch.setenv("HF_TOKEN", hub.token)
     return hub
 
@@ -136,12 +139,13 @@ def checkpoints(tmp_path_factory):
 
 def cli_env(hub, home, **extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    return {**env, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HOME": str(home), "TOKENIZERS_PARALLELISM":
-            "false", **extra}
+    return {**env, "HF_ENDPOINT": hub.url, "HF_TOKEN": hub.token, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1",
+            "TOKENIZERS_PARALLELISM": "false", **extra}
 
 
 def run(args, env, cwd=None, check=True):
-    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -182,7 +186,7 @@ def test_save_pretrained_push_to_hub_refused(tmp_path):
         tiny_model("agency_gpt2").save_pretrained(tmp_path, push_to_hub=True)
 
 
-BARE_VENV = os.path.join(REPO, ".cache", "bare-venv")
+BARE_VENV = os.path.join(REPO, ".cache", f"bare-venv-transformers-{transformers.__version__}")  # one per stack
 
 
 def bare_python():
@@ -191,12 +195,13 @@ def bare_python():
     python = os.path.join(BARE_VENV, "bin", "python")
     if not os.path.exists(python):
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", BARE_VENV], check=True)
-        site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              check=True, capture_output=True, text=True).stdout.strip()
-        import transformers
-
-        with open(os.path.join(site, "project-site-packages.pth"), "w") as f:
-            f.write(os.path.dirname(os.path.dirname(transformers.__file__)) + "\n")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    pth = os.path.join(site, "project-site-packages.pth")
+    packages = os.path.dirname(os.path.dirname(transformers.__file__))
+    if not os.path.isfile(pth) or open(pth).read().strip() != packages:  # this venv's, not another's
+        with open(pth, "w") as f:
+            f.write(packages + "\n")
     return python
 
 
@@ -211,7 +216,7 @@ except ImportError:
 out = {}
 for auto_class, repo_id in (arg.split("=") for arg in sys.argv[2:]):
     model = getattr(transformers, auto_class).from_pretrained(repo_id, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)  # transformers 5 loads the config
     with torch.no_grad():
         out[repo_id] = [type(model).__module__, model(**model_inputs(model, tokenizer, sys.argv[1])).logits.tolist()]
 print(json.dumps(out))
@@ -571,16 +576,27 @@ def test_card_from_diffusion_benchmark(checkpoints, diffusion_report, tmp_path):
 
 
 @pytest.mark.parametrize("model_type", ARCHS)
-def test_card_snippets_run(checkpoints, model_type):
+def test_card_snippets_run(checkpoints, model_type, tmp_path):
     """The card's Python snippets (load with armada, load with the checkpoint's own code, ThoughtDiffusion's
-    sampling) run against the checkpoint, in order, in one namespace."""
+    sampling) run against the checkpoint, in order, in one namespace: here all but the own-code one; where armada is
+    not installed all but the armada one (with armada imported, transformers 5's Auto classes load armada's classes
+    even with trust_remote_code=True)."""
     folder = checkpoints[model_type][0]
     snippets = re.findall(r"```python\n(.*?)```", str(build_card(folder, repo_id=folder)), flags=re.S)
-    namespace = {}
-    for snippet in snippets:
-        exec(compile(snippet, f"{model_type} card snippet", "exec"), namespace)
     assert len(snippets) == (3 if model_type == "thought_diffusion" else 2)
-    assert type(namespace["model"]).__module__.startswith("transformers_modules.")
+    own_code = [s for s in snippets if "trust_remote_code=True" in s]
+    with_armada = [s for s in snippets if s not in own_code]
+    assert len(own_code) == 1 and "import armada" in with_armada[0]
+    namespace = {}
+    for snippet in with_armada:
+        exec(compile(snippet, f"{model_type} card snippet", "exec"), namespace)
+    assert type(namespace["model"]).__module__.startswith("armada.")
+    script = tmp_path / "card_snippets.py"
+    script.write_text("\n".join(own_code + with_armada[1:]) + "print(type(model).__module__)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    proc = run([bare_python(), str(script)], {**env, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"},
+               cwd=tmp_path)
+    assert proc.stdout.strip().splitlines()[-1].startswith("transformers_modules.")
 
 
 def test_cli_card(checkpoints, tmp_path):
@@ -658,6 +674,9 @@ def test_push_adds_remote_code_to_older_folder(hub_env, checkpoints, tmp_path):
     remote = hub_env.files("tester/old")
     assert "modeling_agency_gpt2.py" in remote and "auto_map" in json.loads(remote["config.json"])
     out = pull("tester/old", str(tmp_path / "out"))
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    # the pushed code itself: with armada imported, transformers 5's Auto classes pick armada's registered classes
+    # even with trust_remote_code=True
+    auto_map = json.load(open(os.path.join(out, "config.json")))["auto_map"]
+    model = get_class_from_dynamic_module(auto_map["AutoModelForCausalLM"], out).from_pretrained(out).eval()
     assert type(model).__module__.startswith("transformers_modules.")
     torch.testing.assert_close(logits(model, gpt2_tokenizer()), reference, rtol=0, atol=0)

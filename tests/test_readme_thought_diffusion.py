@@ -36,4 +36,9 @@ def test_demo_diffusion_step(capsys, tmp_path):
     assert info["steps"] == 2 and info["forward_passes"] == 8
     assert printed.count("block ") == 8 and "_" in printed.split("block 0 step 0:")[1].splitlines()[0]
     assert info["saved_to"] == str(tmp_path / "demo_diffusion") and (tmp_path / "demo_diffusion" / "README.md").exists()
-    assert info["onnx"]["report"]["fp32"]["pass"] and 0 <= info["onnx"]["int8_greedy_agreement"] <= 1
+    from armada.compat import onnx_export_missing
+
+    if onnx_export_missing():
+        assert info["onnx"] == {"skipped": onnx_export_missing()}
+    else:
+        assert info["onnx"]["report"]["fp32"]["pass"] and 0 <= info["onnx"]["int8_greedy_agreement"] <= 1

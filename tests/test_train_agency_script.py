@@ -52,15 +52,16 @@ def test_bad_arguments_fail_before_writing(tmp_path, text_file):
 
 def test_tensorboard_logging_offline_and_bf16_with_gradient_checkpointing(tmp_path, text_file):
     """report_to=tensorboard writes event files with the distillation loss parts (no network involved); bf16 mixed
-    precision and gradient checkpointing run through the same script on CPU."""
+    precision and gradient checkpointing run through the same script on CPU. The events go to transformers' default
+    folder under --output_dir on both stacks (transformers 5 dropped `--logging_dir`)."""
     args = [a for a in TINY if a not in ("--report_to", "none")]
     summary = main(["--output_dir", str(tmp_path), "--train_file", text_file, "--max_steps", "4", "--distill",
-                    "--logging_steps", "1", "--report_to", "tensorboard", "--logging_dir", str(tmp_path / "tb"),
+                    "--logging_steps", "1", "--report_to", "tensorboard",
                     "--bf16", "--gradient_checkpointing", *args])
     assert summary["global_step"] == 4
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "tb") for f in files
+    events = [os.path.join(root, f) for root, _, files in os.walk(tmp_path / "runs") for f in files
               if f.startswith("events.out.tfevents")]
     assert events, "no tensorboard event file written"
     tags = set()

@@ -9,7 +9,11 @@ Needs the `onnx` extra (`pip install armada[onnx]`). Importing this package regi
 optimum's `TasksManager`.
 """
 
-from .onnx_configs import (
+from ..compat import require_onnx_export
+
+require_onnx_export()  # one clear line instead of optimum's ModuleNotFoundError
+
+from .onnx_configs import (  # noqa: E402
     DEFAULT_OPSET,
     MAX_OPSET,
     MIN_OPSET,
@@ -18,7 +22,7 @@ from .onnx_configs import (
     ThoughtDiffusionOnnxConfig,
     UnifiedARMTOnnxConfig,
 )
-from .onnx_export import ExportParityError, cpu_instruction_set, export_onnx, quantization_config
+from .onnx_export import ExportParityError  # noqa: E402, cpu_instruction_set, export_onnx, quantization_config
 
 __all__ = [
     "export_onnx", "ExportParityError", "cpu_instruction_set", "quantization_config",

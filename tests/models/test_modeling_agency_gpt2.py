@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, GPT2Config
 
 import armada  # noqa: F401  (registers the Auto classes)
 from armada import AgencyGPT2Config, AgencyGPT2ForCausalLM, AgencyGPT2Model
+from armada.compat import prune_gpt2_heads
 
 
 class AgencyGPT2ModelTester:
@@ -178,7 +179,7 @@ def test_from_gpt2_rejects_other_checkpoints(tester):
 def test_from_gpt2_carries_hf_pruned_heads(tester):
     """A GPT-2 pruned with transformers' own prune_heads converts with the same shapes and logits."""
     gpt2 = tester.gpt2()
-    gpt2.prune_heads({0: [1], 2: [0, 3]})
+    prune_gpt2_heads(gpt2, {0: [1], 2: [0, 3]})
     agency = AgencyGPT2ForCausalLM.from_gpt2(gpt2).eval()
     assert agency.num_heads_per_layer() == [3, 4, 2, 4]
     ids = tester.input_ids()
