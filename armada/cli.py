@@ -87,9 +87,10 @@ def _load(path: str):
     from .modeling import AgencyGPT2ForCausalLM
 
     check_model_location(path)
-    if AutoConfig.from_pretrained(path).model_type == "gpt2":
+    # trust_remote_code=False: a checkpoint's own code never runs here (transformers would otherwise ask on stdin).
+    if AutoConfig.from_pretrained(path, trust_remote_code=False).model_type == "gpt2":
         return AgencyGPT2ForCausalLM.from_gpt2(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False)
     if not isinstance(model, AgencyGPT2ForCausalLM):
         raise SystemExit(f"error: {path!r} is a {type(model).__name__}; allowed: a GPT-2 or AgencyGPT2 checkpoint.")
     return model

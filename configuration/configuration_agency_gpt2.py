@@ -66,6 +66,15 @@ def _features(optimization_level, use_unet_skips, use_baseline_fusion, hybrid_ro
     return use_unet_skips, use_baseline_fusion, hybrid_routing
 
 
+def _refuse_kernel_fields(kwargs):
+    """A config field naming an attention implementation can make transformers fetch and run a Hub kernel
+    (CVE-2026-4372): this architecture has eager and SDPA attention only, so any other value is refused."""
+    for key in ("_attn_implementation_internal", "attn_implementation", "_attn_implementation"):
+        if kwargs.get(key) not in (None, "eager", "sdpa"):
+            raise ValueError(f"config field {key}={kwargs[key]!r} is refused (it could load a kernel's code); "
+                             "allowed: 'eager', 'sdpa' or none.")
+
+
 class AgencyGPT2Config(PretrainedConfig):
     r"""
     Configuration of an AgencyGPT2 model: a GPT-2 whose attention heads carry gates and agency states.
@@ -175,6 +184,7 @@ class AgencyGPT2Config(PretrainedConfig):
         regrowth_gate=0.5,
         **kwargs,
     ):
+        _refuse_kernel_fields(kwargs)
         _refuse_unsupported_gpt2_fields(kwargs)
         _check_sizes(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      n_inner=n_inner)

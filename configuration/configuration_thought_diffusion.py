@@ -6,6 +6,15 @@ NOISE_SCHEDULES = ("log_linear", "cosine")
 POSITION_EMBEDDING_TYPES = ("rotary", "absolute")
 
 
+def _refuse_kernel_fields(kwargs):
+    """A config field naming an attention implementation can make transformers fetch and run a Hub kernel
+    (CVE-2026-4372): this architecture has eager and SDPA attention only, so any other value is refused."""
+    for key in ("_attn_implementation_internal", "attn_implementation", "_attn_implementation"):
+        if kwargs.get(key) not in (None, "eager", "sdpa"):
+            raise ValueError(f"config field {key}={kwargs[key]!r} is refused (it could load a kernel's code); "
+                             "allowed: 'eager', 'sdpa' or none.")
+
+
 class ThoughtDiffusionConfig(PretrainedConfig):
     r"""
     Configuration of a ThoughtDiffusion model: a masked-diffusion language model (MDLM, Sahoo et al. 2024) whose
@@ -111,6 +120,7 @@ class ThoughtDiffusionConfig(PretrainedConfig):
         tie_word_embeddings=True,
         **kwargs,
     ):
+        _refuse_kernel_fields(kwargs)
         def integer(name, value, minimum, allow_none=False):
             if allow_none and value is None:
                 return

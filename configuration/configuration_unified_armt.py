@@ -8,6 +8,15 @@ POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
 DPFP_NU = 3  # DPFP feature map order: phi(x) has 2 * nu * d features for an input of d features
 
 
+def _refuse_kernel_fields(kwargs):
+    """A config field naming an attention implementation can make transformers fetch and run a Hub kernel
+    (CVE-2026-4372): this architecture has eager and SDPA attention only, so any other value is refused."""
+    for key in ("_attn_implementation_internal", "attn_implementation", "_attn_implementation"):
+        if kwargs.get(key) not in (None, "eager", "sdpa"):
+            raise ValueError(f"config field {key}={kwargs[key]!r} is refused (it could load a kernel's code); "
+                             "allowed: 'eager', 'sdpa' or none.")
+
+
 class UnifiedARMTConfig(PretrainedConfig):
     r"""
     Configuration of a UnifiedARMT model: a segment-recurrent transformer with memory tokens and a per-layer
@@ -91,6 +100,7 @@ class UnifiedARMTConfig(PretrainedConfig):
         tie_word_embeddings=True,
         **kwargs,
     ):
+        _refuse_kernel_fields(kwargs)
         def positive(name, value, allow_none=False):
             if allow_none and value is None:
                 return

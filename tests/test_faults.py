@@ -21,6 +21,7 @@ from transformers.utils import logging as hf_logging
 import armada  # noqa: F401
 from armada import AgencyGPT2ForCausalLM, UnifiedARMTConfig, UnifiedARMTForCausalLM
 from armada.cli import main as cli
+from armada.compat import TRANSFORMERS_V5
 from armada.io_utils import MARKER, UnsafeOutputError, atomic_directory
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -319,6 +320,47 @@ def test_cli_errors_are_one_line_with_a_nonzero_exit(agency_dir, tmp_path):
     with pytest.raises(SystemExit) as error:
         cli(["report", "--model", str(bad_json)])
     assert str(error.value.code).startswith("error: ") and "\n" not in str(error.value.code)
+
+
+@pytest.mark.parametrize("field", ["_attn_implementation_internal", "attn_implementation"])
+def test_a_config_naming_a_hub_kernel_is_refused_on_every_load_path(agency_dir, tmp_path, field):
+    """CVE-2026-4372: an attention implementation named in config.json can make transformers load a Hub kernel's
+    code. Every armada config refuses any value but eager/sdpa, so AutoConfig, from_pretrained by path (armada
+    installed or the checkpoint's own code) and the CLI stop before a model is built."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from armada import ThoughtDiffusionConfig
+
+    config = json.loads((agency_dir / "config.json").read_text())
+    (agency_dir / "config.json").write_text(json.dumps({**config, field: "kernels-community/flash-attn"}))
+    if field == "attn_implementation" and not TRANSFORMERS_V5:  # 4.57 drops this key before any config sees it
+        model = AgencyGPT2ForCausalLM.from_pretrained(agency_dir)
+        assert model.config._attn_implementation == "sdpa"
+        return
+    for load in (AutoConfig, AutoModelForCausalLM, AgencyGPT2ForCausalLM):
+        with pytest.raises(ValueError, match=f"config field {field}='kernels-community/flash-attn' is refused"):
+            load.from_pretrained(agency_dir)
+    with pytest.raises(SystemExit, match="is refused .*allowed: 'eager', 'sdpa' or none"):
+        cli(["report", "--model", str(agency_dir)])
+    for config_class in (UnifiedARMTConfig, ThoughtDiffusionConfig):
+        with pytest.raises(ValueError, match="is refused"):
+            config_class(**{field: "kernels-community/flash-attn"})
+    assert UnifiedARMTConfig(**{field: "sdpa"}) is not None  # what transformers itself may pass
+
+
+def test_cli_never_runs_a_checkpoints_own_code(tmp_path):
+    """A folder whose auto_map names code for an unknown model type: transformers asks `[y/N]` on stdin unless
+    trust_remote_code is given. The CLI passes trust_remote_code=False, so even `echo y |` runs none of it."""
+    canary = tmp_path / "ran"
+    _write(tmp_path / "evil", {
+        "config.json": json.dumps({"model_type": "evil", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig"}}),
+        "configuration_evil.py": f"open({str(canary)!r}, 'w').write('ran')\n"
+                                 "from transformers import PretrainedConfig\n"
+                                 "class EvilConfig(PretrainedConfig):\n    model_type = 'evil'\n"})
+    run = subprocess.run([sys.executable, "-m", "armada.cli", "report", "--model", str(tmp_path / "evil")],
+                         input="y\n", capture_output=True, text=True, timeout=300, env=ENV)
+    assert run.returncode == 1 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "trust_remote_code" in run.stderr and not canary.exists()
 
 
 def _warnings(fn):

@@ -79,13 +79,14 @@ def _load_model(model_or_dir):
             raise ValueError(f"model directory {source!r} does not exist.")
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise ValueError(f"{source!r} has no config.json; expected a directory written by save_pretrained.")
-        model_type = AutoConfig.from_pretrained(source).model_type
+        model_type = AutoConfig.from_pretrained(source, trust_remote_code=False).model_type  # never a folder's code
         if model_type not in ONNX_CONFIGS:
             raise ValueError(f"unsupported model type {model_type!r} in {source!r}; ONNX export supports "
                              f"{sorted(ONNX_CONFIGS)}.")
         if not any(os.path.isfile(os.path.join(source, name)) for name in WEIGHT_FILES):
             raise ValueError(f"{source!r} has no weights (none of {', '.join(WEIGHT_FILES)}).")
-        model = getattr(transformers, EXPORTERS[model_type]["auto_class"]).from_pretrained(source)
+        model = getattr(transformers, EXPORTERS[model_type]["auto_class"]).from_pretrained(source,
+                                                                                    trust_remote_code=False)
     model_type = model.config.model_type
     if model_type not in ONNX_CONFIGS:
         raise ValueError(f"unsupported model type {model_type!r}; ONNX export supports {sorted(ONNX_CONFIGS)}.")
