@@ -223,7 +223,7 @@ def sizes(model):
 def heads_per_layer(model):
     if isinstance(model, AgencyGPT2ForCausalLM):
         return model.num_heads_per_layer()
-    return [model.config.n_head - len(model.config.pruned_heads.get(i, [])) for i in range(model.config.n_layer)]
+    return [block.attn.num_heads for block in model.transformer.h]
 
 
 def speeds(models, prompt_ids, rounds, max_wait, seed, baseline="gpt2 (unpruned)"):
