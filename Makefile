@@ -13,7 +13,7 @@ PY       := $(VENV)/bin/python
 PY_457   := $(VENV_457)/bin/python
 PYTEST   := -m pytest -n 2 --dist loadfile tests
 
-.PHONY: demo test test-newest test-457 bench venv clean
+.PHONY: demo test test-newest test-457 bench gpu-check venv clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,18 @@ test-457: $(VENV_457)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/agency_speed.py
+
+# On a machine with a CUDA GPU (not part of `make test`): the device checks on CUDA (half precision, SDPA vs eager,
+# cached vs recomputed decoding, samplers, a Trainer run) and the three speed benchmarks on the GPU, written to
+# outputs/gpu-check/. Everything else of armada runs on whatever device the model or a --device flag names.
+GPU_OUT ?= outputs/gpu-check
+gpu-check: $(VENV)/.installed
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device here')"
+	$(PY) -c "import torch; print('gpu:', torch.cuda.get_device_name(0), 'torch', torch.__version__)"
+	$(PY) -m pytest -q tests/models/test_devices.py -k cuda
+	$(PY) benchmarks/agency_speed.py --device cuda --out $(GPU_OUT)/agency_speed --overwrite
+	$(PY) benchmarks/diffusion.py --device cuda --out $(GPU_OUT)/diffusion --overwrite
+	$(PY) benchmarks/armt_scaling.py --device cuda --out $(GPU_OUT)/armt_scaling --overwrite
 
 clean:
 	rm -rf $(VENV) $(VENV_457) build *.egg-info

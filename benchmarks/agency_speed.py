@@ -57,7 +57,8 @@ LOGITS_TOLERANCE = 1e-4
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(p, NAME, model="a GPT-2 checkpoint folder to measure instead of a random GPT-2 124M")
+    common.add_common_args(p, NAME, model="a GPT-2 checkpoint folder to measure instead of a random GPT-2 124M",
+                           device=True)
     p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 20, quick 2)")
     p.add_argument("--max-wait", type=float, default=None,
                    help="seconds the run may spend waiting for, or re-measuring under, other processes' load "
@@ -114,16 +115,19 @@ def build_variants(baseline):
 
 def make_inputs(args, config):
     s, gen = args.shape, torch.Generator().manual_seed(args.seed)
-    fwd_ids = torch.randint(0, config.vocab_size, (s["fwd_batch"], s["fwd_len"]), generator=gen)
-    prompt = torch.randint(0, config.vocab_size, (1, s["prompt_len"]), generator=gen)
+    fwd_ids = torch.randint(0, config.vocab_size, (s["fwd_batch"], s["fwd_len"]), generator=gen).to(args.device)
+    prompt = torch.randint(0, config.vocab_size, (1, s["prompt_len"]), generator=gen).to(args.device)
     # All-ones attention masks, as a tokenizer returns for unpadded inputs. Without one, GPT2LMHeadModel (4.57)
     # builds an explicit (B, 1, T, T) mask for the forward and leaves SDPA's is_causal path, flattering AgencyGPT2.
     gen_kwargs = dict(attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=s["new_tokens"],
                       min_new_tokens=s["new_tokens"], pad_token_id=0)
+    def timed(fn):  # a call ends when the device has finished it
+        return lambda model: (fn(model), common.synchronize(args.device))
+
     measures = {
-        "forward": (lambda model: model(fwd_ids, attention_mask=torch.ones_like(fwd_ids), use_cache=False),
+        "forward": (timed(lambda model: model(fwd_ids, attention_mask=torch.ones_like(fwd_ids), use_cache=False)),
                     fwd_ids.numel()),
-        "generate": (lambda model: model.generate(prompt, **gen_kwargs), s["new_tokens"]),
+        "generate": (timed(lambda model: model.generate(prompt, **gen_kwargs)), s["new_tokens"]),
     }
     return fwd_ids, prompt, gen_kwargs, measures
 
@@ -258,6 +262,7 @@ def main(argv=None):
         print(warning)
     baseline = load_baseline(args)
     heads, variants = build_variants(baseline)
+    variants = {key: model.to(args.device) for key, model in variants.items()}
     fwd_ids, prompt, gen_kwargs, measures = make_inputs(args, baseline.config)
     checks = correctness_checks(variants, fwd_ids, prompt, gen_kwargs)
     print(f"checks: {json.dumps(checks)}")
@@ -267,7 +272,7 @@ def main(argv=None):
     judged = targets(results, args.rounds, judged=not args.quick)
     total = len(MEASURES) * args.rounds * len(variants)
     contended = sum(loads[key][m][i] > common.CONTENDED for key in loads for m in MEASURES for i in range(args.rounds))
-    env = {**common.environment(), "contended_samples": contended, "total_samples": total,
+    env = {**common.environment(device=args.device), "contended_samples": contended, "total_samples": total,
            "seconds_lost_to_other_processes": lost, "busy_at_start": warning}
     n_heads = baseline.config.n_layer * baseline.config.n_head
     report = {

@@ -26,6 +26,8 @@ import random
 import statistics
 import time
 
+import torch
+
 from armada.io_utils import atomic_savefig, atomic_write_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,9 +37,10 @@ BUSY = 0.25  # foreign load, measured before the run starts, above which the mac
 FILE_SUFFIXES = (".json", ".md", ".png", ".txt", ".csv")
 
 
-def add_common_args(parser: argparse.ArgumentParser, name: str, *, quick=True, threads=2, seed=True, model=None):
-    """--out/--overwrite/--update-committed-results always; --quick, --threads, --seed and --model DIR when asked
-    (`model` is the help text of --model)."""
+def add_common_args(parser: argparse.ArgumentParser, name: str, *, quick=True, threads=2, seed=True, model=None,
+                    device=False):
+    """--out/--overwrite/--update-committed-results always; --quick, --threads, --seed, --model DIR and --device
+    when asked (`model` is the help text of --model)."""
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"folder to write {name}.json/.md and plots into (default outputs/{name})")
     parser.add_argument("--overwrite", action="store_true", help=f"replace a {name}.json already in --out")
@@ -52,6 +55,28 @@ def add_common_args(parser: argparse.ArgumentParser, name: str, *, quick=True, t
         parser.add_argument("--seed", type=int, default=0)
     if model:
         parser.add_argument("--model", default=None, metavar="DIR", help=model)
+    if device:
+        parser.add_argument("--device", default="cpu", type=torch_device,
+                            help="torch device to measure on: cpu (default), cuda, cuda:1, ... (timings wait for it)")
+
+
+def torch_device(name: str) -> torch.device:
+    """argparse type of --device: a device this machine has, else a one-line error naming the choices."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a torch device; allowed: cpu, cuda, cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: this machine has no CUDA device; allowed: cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{name!r}: allowed: cpu, cuda, cuda:N")
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (CUDA runs asynchronously: a timer must not stop before it ends)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def output_dir(args, name: str, *, merge: bool = False, report: str = None) -> str:
@@ -76,9 +101,8 @@ def output_dir(args, name: str, *, merge: bool = False, report: str = None) -> s
     return out
 
 
-def environment(threads=None) -> dict:
-    """Versions, CPU and date, for the report."""
-    import torch
+def environment(threads=None, device=None) -> dict:
+    """Versions, CPU (and the GPU, when measuring on one) and date, for the report."""
     import transformers
 
     cpu = "?"
@@ -88,7 +112,9 @@ def environment(threads=None) -> dict:
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "threads": threads or torch.get_num_threads(), "cpu": cpu,
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(),
+            **({"device": str(device), "gpu": torch.cuda.get_device_name(device)} if device is not None
+               and device.type == "cuda" else {})}
 
 
 def write_report(out: str, name: str, report: dict, markdown: str) -> list:

@@ -66,7 +66,7 @@ PROMPT_TOKENS = 32
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    common.add_common_args(parser, "diffusion")
+    common.add_common_args(parser, "diffusion", device=True)
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per model (default 1500)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -164,6 +164,7 @@ class Vocabulary:
         return self.lookup[gpt2_ids]
 
     def decode(self, ids):
+        ids = ids.cpu()
         ids = ids[ids < len(self.gpt2_ids)]
         return self.tokenizer.decode(self.gpt2_ids[ids])
 
@@ -205,7 +206,7 @@ def train(model, blocks, args, name, evaluate=None):
         start = time.perf_counter()
         index = order[(torch.arange(args.batch_size) + step * args.batch_size) % len(blocks)]
         batch = blocks[index]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             out = model(input_ids=batch, labels=batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -288,6 +289,7 @@ def run_variant(name, spec, models, prompt, args, seed):
         model = models["no_stack" if name.startswith("no_stack") else "thought_diffusion"]
         out = model.generate_with_stack(prompt, max_new_tokens=args.new_tokens, temperature=args.temperature, **spec)
         new, forwards = out.sequences[0, prompt.shape[1]:], out.num_forward_passes
+    common.synchronize(prompt.device)
     return time.perf_counter() - start, new, forwards
 
 
@@ -345,7 +347,7 @@ def reference_text(models, test_blocks, vocab, args):
 # ------------------------------------------------------------------------------------------------ seed's claims
 def one_training_step(model, batch, bf16=False):
     model.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
         loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
     model.zero_grad(set_to_none=True)
@@ -400,7 +402,7 @@ def encode_slots_one_at_a_time(encoder, stack):
     slots, valid = stack.read()
     n, s = valid.shape
     attn, heads = encoder.attn, encoder.attn.num_heads
-    out = torch.zeros(n, 1 + s, encoder.input_proj.out_features)
+    out = torch.zeros(n, 1 + s, encoder.input_proj.out_features, device=slots.device)
     for row in range(n):
         x = [encoder.input_proj(slots[row, i].flatten()) + encoder.temporal.weight[i] for i in range(s)]
         encoded = []
@@ -421,15 +423,15 @@ def encode_slots_one_at_a_time(encoder, stack):
         w = (q @ k.transpose(-1, -2) * pool.attn.scaling).softmax(-1)
         pooled = pool.attn.c_proj((w @ v).reshape(-1))
         out[row] = encoder.ln_f(torch.stack([pooled] + encoded))
-    return out, torch.cat([torch.ones(n, 1, dtype=torch.bool), valid], dim=1)
+    return out, torch.cat([torch.ones(n, 1, dtype=torch.bool, device=valid.device), valid], dim=1)
 
 
 @torch.no_grad()
 def encoder_speed(model, args):
     config, encoder = model.config, model.transformer.thought_encoder
-    stack = ThoughtStack.empty(config, args.batch_size)
+    stack = ThoughtStack.empty(config, args.batch_size, device=args.device)
     for _ in range(config.thought_stack_size):
-        stack = stack.push(torch.randn(args.batch_size, *config.thought_dims))
+        stack = stack.push(torch.randn(args.batch_size, *config.thought_dims, device=args.device))
     vectorized, _ = encoder(stack, torch.float32)
     looped, _ = encode_slots_one_at_a_time(encoder, stack)
     timing = paired_rounds({"per_slot_loop": lambda: encode_slots_one_at_a_time(encoder, stack),
@@ -445,9 +447,10 @@ def seed_claims(model, blocks, args):
                               args.rounds, args.seed)
 
     def forward(bf16):
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad(), torch.autocast(batch.device.type, dtype=torch.bfloat16, enabled=bf16):
             model.eval()
-            model(input_ids=batch.masked_fill(torch.rand(batch.shape) < 0.5, model.config.mask_token_id))
+            model(input_ids=batch.masked_fill(torch.rand(batch.shape, device=batch.device) < 0.5,
+                                              model.config.mask_token_id))
 
     forward_time = paired_rounds({"fp32": lambda: forward(False), "bf16_autocast": lambda: forward(True)},
                                  args.rounds, args.seed)
@@ -458,7 +461,7 @@ def seed_claims(model, blocks, args):
 
 # ------------------------------------------------------------------------------------------------ report
 def environment(args):
-    return {**common.environment(args.threads), "load_average_at_start": os.getloadavg(),
+    return {**common.environment(args.threads, args.device), "load_average_at_start": os.getloadavg(),
             "note": "absolute speeds depend on the machine's load; speed ratios are paired per round"}
 
 
@@ -536,10 +539,11 @@ def main(argv=None):
     train_blocks = text_blocks("valid.txt", tokenizer, args.seq_len, max_chars)
     test_blocks = text_blocks("test.txt", tokenizer, args.seq_len, max_chars)
     vocab = Vocabulary(tokenizer, train_blocks, test_blocks)
-    train_blocks = vocab.encode(train_blocks)
-    test_blocks = vocab.encode(test_blocks)[:max(args.eval_blocks, args.rounds + 2)]
-    models = build_models(args, vocab)
-    report = {"args": vars(args), "environment": environment(args), "targets_definition": TARGETS,
+    train_blocks = vocab.encode(train_blocks).to(args.device)
+    test_blocks = vocab.encode(test_blocks)[:max(args.eval_blocks, args.rounds + 2)].to(args.device)
+    models = {name: model.to(args.device) for name, model in build_models(args, vocab).items()}
+    report = {"args": {**vars(args), "device": str(args.device)}, "environment": environment(args),
+              "targets_definition": TARGETS,
               "vocabulary": {"types": vocab.size, "note": Vocabulary.__doc__.split(":")[0]}, "training": {},
               "quality": {}}
     eval_blocks = test_blocks[:args.eval_blocks]

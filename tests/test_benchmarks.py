@@ -291,6 +291,21 @@ def test_common_output_dir_defaults_and_flags(tmp_path, monkeypatch):
     assert common.output_dir(args, "demo_bench") == str(tmp_path / "r")
 
 
+def test_common_device_flag(capsys):
+    """--device: the device to measure on, or a one-line argparse error naming what this machine allows."""
+    import torch
+
+    parser = argparse.ArgumentParser()
+    common.add_common_args(parser, "demo_bench", device=True)
+    assert parser.parse_args([]).device == torch.device("cpu")
+    bad = ["tpu", "gpu"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for name in bad:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--device", name])
+        assert "allowed: cpu" in capsys.readouterr().err
+    common.synchronize(torch.device("cpu"))  # a no-op there
+
+
 def test_report_checks_exit_status(capsys):
     assert common.report_checks([{"name": "a", "pass": True}, {"name": "b", "pass": None}]) == 0
     assert common.report_checks([{"name": "a", "pass": True}, {"name": "b", "pass": False, "detail": "0.9"}]) == 1

@@ -1,12 +1,18 @@
-"""Export armada models to ONNX through optimum, quantize them to int8 with ORTQuantizer, and check parity.
+"""Export armada models to ONNX, quantize them to int8 dynamically, and check parity.
+
+Two backends trace the same graphs (`graphs.py`) with the same TorchScript exporter; `onnx_backend()` picks one:
+  optimum  where optimum-onnx installs (transformers 4.57): optimum's exporter with the armada `OnnxConfig`s, int8
+           through `ORTQuantizer`
+  torch    elsewhere (transformers 5): `torch.onnx.export` of the graph's step, int8 through onnxruntime's
+           `quantize_dynamic` with the same settings (`Int8Config`)
 
 `export_onnx(model_or_dir, out_dir, quantize=None, opset=None, overwrite=False)` writes, into `out_dir`:
 
     model.onnx             the fp32 graph (AgencyGPT2: decoder with past; UnifiedARMT: the segment step;
                            ThoughtDiffusion: the denoising step)
-    model_quantized.onnx   with quantize="int8": dynamic int8 (ORTQuantizer, the config for this CPU)
+    model_quantized.onnx   with quantize="int8": dynamic int8 (`Int8Config` for this CPU)
     config.json, generation_config.json, tokenizer files (when the source has them)
-    export_report.json     what was checked and measured (parity figures, quantization settings)
+    export_report.json     what was checked and measured (backend, parity figures, quantization settings)
 
 Everything is written to a temporary folder beside `out_dir` and moved into place only after every check passed, so
 a failed export leaves nothing behind.
@@ -22,18 +28,23 @@ Parity checks (a failure raises `ExportParityError`):
         random-init model is about uniform there and int8 noise flips its arbitrary top-1); `True`/`False` force it.
 """
 
+import functools
+import hashlib
 import json
 import os
 import platform
 import shutil
 import time
+import warnings
+from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ..io_utils import atomic_directory, check_output_directory
-from .onnx_configs import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, ONNX_CONFIGS, ONNX_TASKS
+from ..modeling.modeling_agency_gpt2 import CACHE_FIELD
+from .graphs import COMMIT_INPUT, DEFAULT_OPSET, GRAPHS, MAX_OPSET, MIN_OPSET, patched_forward
 
 FP32_ATOL = 1e-4
 INT8_MIN_TOP1 = 0.98
@@ -46,6 +57,18 @@ ONNX_FILE, QUANTIZED_FILE = "model.onnx", "model_quantized.onnx"
 
 class ExportParityError(ValueError):
     """The exported graph does not compute what the PyTorch model computes (within the stated tolerance)."""
+
+
+@functools.lru_cache(maxsize=None)
+def onnx_backend() -> str:
+    """The exporter used here: "optimum" where optimum-onnx imports, else "torch" (the one place that chooses; when
+    optimum-onnx supports transformers 5 only this changes)."""
+    try:
+        import optimum.exporters.onnx  # noqa: F401
+        import optimum.onnxruntime  # noqa: F401
+    except Exception:  # not installed, or installed beside a transformers it does not support
+        return "torch"
+    return "optimum"
 
 
 # ----------------------------------------------------------------------------------------------------- checks
@@ -80,16 +103,16 @@ def _load_model(model_or_dir):
         if not os.path.isfile(os.path.join(source, "config.json")):
             raise ValueError(f"{source!r} has no config.json; expected a directory written by save_pretrained.")
         model_type = AutoConfig.from_pretrained(source, trust_remote_code=False).model_type  # never a folder's code
-        if model_type not in ONNX_CONFIGS:
+        if model_type not in GRAPHS:
             raise ValueError(f"unsupported model type {model_type!r} in {source!r}; ONNX export supports "
-                             f"{sorted(ONNX_CONFIGS)}.")
+                             f"{sorted(GRAPHS)}.")
         if not any(os.path.isfile(os.path.join(source, name)) for name in WEIGHT_FILES):
             raise ValueError(f"{source!r} has no weights (none of {', '.join(WEIGHT_FILES)}).")
         model = getattr(transformers, EXPORTERS[model_type]["auto_class"]).from_pretrained(source,
                                                                                     trust_remote_code=False)
     model_type = model.config.model_type
-    if model_type not in ONNX_CONFIGS:
-        raise ValueError(f"unsupported model type {model_type!r}; ONNX export supports {sorted(ONNX_CONFIGS)}.")
+    if model_type not in GRAPHS:
+        raise ValueError(f"unsupported model type {model_type!r}; ONNX export supports {sorted(GRAPHS)}.")
     if next(model.parameters()).dtype != torch.float32:
         raise ValueError(f"export from a float32 model; got {next(model.parameters()).dtype} (use model.float()).")
     return model.eval(), source
@@ -112,29 +135,72 @@ def cpu_instruction_set() -> str:
     return "avx2"
 
 
+@dataclass(frozen=True)
+class Int8Config:
+    """Dynamic int8 quantization settings: those of optimum's `AutoQuantizationConfig.<instruction_set>(is_static=False)`
+    (QOperator format, IntegerOps: uint8 activations quantized at run time, symmetric int8 weights — uint8 on avx2 —,
+    full range). The optimum backend applies them through `ORTQuantizer`, the torch backend through onnxruntime's
+    `quantize_dynamic` with the same arguments."""
+
+    instruction_set: str
+    per_channel: bool = False
+    operators_to_quantize: Optional[tuple] = None  # None: onnxruntime's IntegerOps defaults (as optimum's)
+
+    @property
+    def weights_dtype(self) -> str:
+        return "QUInt8" if self.instruction_set == "avx2" else "QInt8"
+
+    def to_optimum(self):
+        from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+        ops = list(self.operators_to_quantize) if self.operators_to_quantize else None
+        return getattr(AutoQuantizationConfig, self.instruction_set)(is_static=False, per_channel=self.per_channel,
+                                                                     operators_to_quantize=ops)
+
+    def quantize_dynamic_kwargs(self, has_subgraphs: bool) -> dict:
+        """`onnxruntime.quantization.quantize_dynamic` arguments equivalent to what `ORTQuantizer` passes."""
+        from onnxruntime.quantization import QuantType
+
+        return dict(op_types_to_quantize=list(self.operators_to_quantize or ()), per_channel=self.per_channel,
+                    reduce_range=False, weight_type=getattr(QuantType, self.weights_dtype),
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False, "ForceSymmetric": False,
+                                   "EnableSubgraph": has_subgraphs, "MatMulConstBOnly": False})
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "weights_dtype": self.weights_dtype, "activations_dtype": "QUInt8",
+                "weights_symmetric": True, "reduce_range": False}
+
+
 def quantization_config(instruction_set: Optional[str] = None, per_channel: bool = False,
-                        operators_to_quantize=None):
-    """Dynamic int8 `QuantizationConfig` for `instruction_set` (default: this CPU's, see `cpu_instruction_set`).
+                        operators_to_quantize=None) -> Int8Config:
+    """Dynamic int8 `Int8Config` for `instruction_set` (default: this CPU's, see `cpu_instruction_set`).
 
     per_channel=False by default: per-tensor scales keep ORT's fast `MatMulInteger` path on x86 for dynamic
     quantization, and measured top-1 agreement stayed above the target without per-channel scales.
     """
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
     instruction_set = instruction_set or cpu_instruction_set()
     if instruction_set not in INSTRUCTION_SETS:
         raise ValueError(f"unsupported instruction set {instruction_set!r}; allowed: {', '.join(INSTRUCTION_SETS)}.")
-    return getattr(AutoQuantizationConfig, instruction_set)(is_static=False, per_channel=per_channel,
-                                                            operators_to_quantize=operators_to_quantize)
+    return Int8Config(instruction_set, per_channel,
+                      tuple(operators_to_quantize) if operators_to_quantize else None)
 
 
-def _quantize(directory, config):
-    from optimum.onnxruntime import ORTQuantizer
+def quantize_int8(directory, config: Int8Config, backend: Optional[str] = None) -> str:
+    """Write `model_quantized.onnx` in `directory`, from its `model.onnx`, dynamically quantized with `config`."""
+    source, target = os.path.join(directory, ONNX_FILE), os.path.join(directory, QUANTIZED_FILE)
+    if (backend or onnx_backend()) == "optimum":
+        from optimum.onnxruntime import ORTQuantizer
 
-    quantizer = ORTQuantizer.from_pretrained(directory, file_name=ONNX_FILE)
-    quantizer.quantize(quantization_config=config, save_dir=directory)
-    # ORTQuantizer saves its own ort_config.json next to the model; keep it (it records the settings).
-    return os.path.join(directory, QUANTIZED_FILE)
+        # ORTQuantizer saves its own ort_config.json next to the model; keep it (it records the settings).
+        ORTQuantizer.from_pretrained(directory, file_name=ONNX_FILE).quantize(config.to_optimum(), save_dir=directory)
+        return target
+    import onnx
+    from onnxruntime.quantization import quantize_dynamic
+
+    graph = onnx.load(source, load_external_data=False).graph
+    has_subgraphs = any(node.op_type in ("If", "Loop", "Scan") for node in graph.node)
+    quantize_dynamic(source, target, **config.quantize_dynamic_kwargs(has_subgraphs))
+    return target
 
 
 # ----------------------------------------------------------------------------------------------------- parity
@@ -182,13 +248,13 @@ def _agency_parity_fp32(model, ort_model):
     for step in range(3):
         with torch.no_grad():
             position_ids = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1]:]
-            ref = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past_pt,
-                        use_cache=True)
+            ref = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                        **{CACHE_FIELD: past_pt})
         out = ort_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past_ort,
                         use_cache=True)
         keep = mask[:, -ids.shape[1]:].bool()  # logits at padding positions are not used by anyone
         worst = max(worst, float((out.logits - ref.logits).abs()[keep].max()))
-        past_pt, past_ort = ref.past_key_values, out.past_key_values
+        past_pt, past_ort = ref[CACHE_FIELD], out.past_key_values
         ids = ref.logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
     return worst
@@ -304,7 +370,7 @@ def export_onnx(
         model_or_dir: the model, or a directory with its config.json and weights.
         out_dir: the directory to write (see the module docstring for its files). An existing non-empty directory is
             refused unless `overwrite=True`.
-        quantize: None (fp32 only) or "int8" (also write `model_quantized.onnx`, dynamic int8 through ORTQuantizer).
+        quantize: None (fp32 only) or "int8" (also write `model_quantized.onnx`, dynamic int8, see `Int8Config`).
         opset: ONNX opset, MIN_OPSET..MAX_OPSET (default DEFAULT_OPSET).
         instruction_set: int8 target ("avx512_vnni", "avx512", "avx2", "arm64"); default: this CPU's.
         per_channel: per-channel int8 weight scales (default per-tensor).
@@ -333,9 +399,10 @@ def export_onnx(
         raise ValueError(f"sample_ids must be a 1-D sequence of at least 16 token ids in [0, {vocab}).")
 
     started = time.perf_counter()
-    report = {"model_type": model_type, "opset": opset, "source": source, "files": {}}
+    backend = onnx_backend()
+    report = {"model_type": model_type, "backend": backend, "opset": opset, "source": source, "files": {}}
     with atomic_directory(out_dir, overwrite=overwrite, inputs=[source] if source else ()) as tmp:
-        EXPORTERS[model_type]["export"](model, tmp, opset)
+        EXPORTERS[model_type]["export"](model, tmp, opset, backend)
         if source is not None:
             _copy_tokenizer(source, tmp)
         report["files"][ONNX_FILE] = os.path.getsize(os.path.join(tmp, ONNX_FILE))
@@ -349,13 +416,12 @@ def export_onnx(
 
         if quantize == "int8":
             config = quantization_config(instruction_set, per_channel=per_channel)
-            _quantize(tmp, config)
+            quantize_int8(tmp, config, backend)
             report["files"][QUANTIZED_FILE] = os.path.getsize(os.path.join(tmp, QUANTIZED_FILE))
             ids = sample_ids if sample_ids is not None else _sample_ids(model, source, sample_text, sample_tokens)
             report["int8"] = _int8_check(model, ids, fp32, _load_ort(tmp, QUANTIZED_FILE, model_type), int8_check,
                                          out_dir)
-            report["int8"]["instruction_set"] = instruction_set or cpu_instruction_set()
-            report["int8"]["per_channel"] = per_channel
+            report["int8"].update(config.to_dict())
         report["seconds"] = round(time.perf_counter() - started, 2)
         with open(os.path.join(tmp, "export_report.json"), "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
@@ -385,43 +451,52 @@ def _int8_check(model, ids, fp32, int8, enforce, out_dir):
     return result
 
 
-def _export_agency(model, directory, opset):
-    """AgencyGPT2: optimum's decoder export (text-generation-with-past) with the armada OnnxConfig."""
-    from optimum.exporters.onnx import onnx_export_from_model
+def export_graph(model, graph, directory, opset=DEFAULT_OPSET, backend=None):
+    """Write `graph` (a `graphs.OnnxGraph` of `model`) to `directory`/model.onnx with the model's config (and
+    generation config), through optimum's exporter or `torch.onnx.export` (see `onnx_backend`)."""
+    if (backend or onnx_backend()) == "optimum":
+        from optimum.exporters.onnx import onnx_export_from_model
 
-    onnx_config = ONNX_CONFIGS["agency_gpt2"](model.config, task="text-generation", use_past=True,
-                                              use_past_in_inputs=True)
-    onnx_export_from_model(model, directory, opset=opset, task=ONNX_TASKS["agency_gpt2"],
-                           custom_onnx_configs={"model": onnx_config}, do_validation=False)
+        from .onnx_configs import onnx_config_for
+
+        onnx_config, task = onnx_config_for(graph)
+        onnx_export_from_model(model, directory, opset=opset, task=task, monolith=True,
+                               custom_onnx_configs={"model": onnx_config}, do_validation=False)
+        return
+    dummy = graph.dummy_inputs()
+    os.makedirs(directory, exist_ok=True)
+    with torch.no_grad(), patched_forward(model, graph), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(model, tuple(dummy.values()), os.path.join(directory, ONNX_FILE), dynamo=False,
+                          input_names=list(graph.inputs), output_names=list(graph.outputs),
+                          dynamic_axes={**graph.inputs, **graph.outputs}, opset_version=opset,
+                          do_constant_folding=True)
+    model.config.save_pretrained(directory)
+    if model.can_generate() and getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
 
 
-def _export_armt(model, directory, opset):
-    """UnifiedARMT: the append-only and the committing segment step, each through optimum, merged into one graph
-    with an `If` on the `commit` input (optimum's `merge_decoders`, whose branch flag is renamed)."""
+def _export_one(model, directory, opset, backend):
+    """AgencyGPT2 (decoder with past), ThoughtDiffusion (denoising step): one graph."""
+    export_graph(model, GRAPHS[model.config.model_type](model.config), directory, opset, backend)
+
+
+def _export_armt(model, directory, opset, backend):
+    """UnifiedARMT: the append-only and the committing segment step, merged into one graph with an `If` on the
+    `commit` input (`merge_branches`)."""
     import onnx
-    from optimum.exporters.onnx import onnx_export_from_model
-    from optimum.onnx.graph_transformations import merge_decoders
 
-    from .onnx_configs import UnifiedARMTOnnxConfig
+    from .graphs import UnifiedARMTGraph
 
     parts = {}
     for commit in (False, True):
-        part = os.path.join(directory, f"_step_commit_{commit}")
-        onnx_export_from_model(model, part, opset=opset, task=ONNX_TASKS["unified_armt"], monolith=True,
-                               custom_onnx_configs={"model": UnifiedARMTOnnxConfig(model.config, commit=commit)},
-                               do_validation=False)
-        parts[commit] = part
-    path = os.path.join(directory, ONNX_FILE)
-    merge_decoders(os.path.join(parts[False], ONNX_FILE), os.path.join(parts[True], ONNX_FILE),
-                   graph_name="unified_armt_segment_step", producer_name="armada", save_path=path)
-    merged = onnx.load(path)
-    for item in list(merged.graph.input) + list(merged.graph.node):
-        if isinstance(item, onnx.NodeProto):
-            item.input[:] = ["commit" if name == "use_cache_branch" else name for name in item.input]
-        elif item.name == "use_cache_branch":
-            item.name = "commit"
+        parts[commit] = os.path.join(directory, f"_step_commit_{commit}")
+        export_graph(model, UnifiedARMTGraph(model.config, commit=commit), parts[commit], opset, backend)
+    merged = merge_branches(onnx.load(os.path.join(parts[False], ONNX_FILE)),
+                            onnx.load(os.path.join(parts[True], ONNX_FILE)), COMMIT_INPUT,
+                            graph_name="unified_armt_segment_step")
     onnx.checker.check_model(merged)
-    onnx.save(merged, path)
+    onnx.save(merged, os.path.join(directory, ONNX_FILE))
     for name in os.listdir(parts[True]):
         if name != ONNX_FILE:
             shutil.copy(os.path.join(parts[True], name), directory)
@@ -429,15 +504,40 @@ def _export_armt(model, directory, opset):
         shutil.rmtree(part)
 
 
-def _export_diffusion(model, directory, opset):
-    """ThoughtDiffusion: the denoising step (tokens, t, thought stack, block cache in; logits, new thought, stack,
-    cache out) through optimum as one graph."""
-    from optimum.exporters.onnx import onnx_export_from_model
+def merge_branches(else_model, then_model, flag: str, graph_name: str = "merged"):
+    """One ONNX model running `then_model` where the boolean input `flag` (shape [1]) is true and `else_model` where
+    it is false (an `If` node; the mechanism of optimum's merged decoders). Both have the same inputs and outputs.
+    Weights equal in content are stored once, in the outer graph; scalars and 1-D int shapes stay in their branch
+    (as optimum's `merge_decoders` does: ONNX Runtime's optimizer needs them there)."""
+    import onnx
 
-    onnx_export_from_model(model, directory, opset=opset, task=ONNX_TASKS["thought_diffusion"], monolith=True,
-                           custom_onnx_configs={"model": ONNX_CONFIGS["thought_diffusion"](model.config,
-                                                                                           task="fill-mask")},
-                           do_validation=False)
+    shared, used = {}, {}
+    branches = []
+    for name, model in (("else", else_model), ("then", then_model)):
+        local, rename = [], {}
+        for init in model.graph.initializer:
+            if len(init.dims) == 0 or (len(init.dims) == 1 and init.data_type in (onnx.TensorProto.INT32,
+                                                                                  onnx.TensorProto.INT64)):
+                local.append(init)
+                continue
+            array = onnx.numpy_helper.to_array(init)
+            key = (init.data_type, tuple(init.dims), hashlib.sha256(array.tobytes()).hexdigest())
+            if key not in shared:
+                used[init.name] = used.get(init.name, -1) + 1
+                shared[key] = onnx.numpy_helper.from_array(array, f"{init.name}_{graph_name}_{used[init.name]}")
+            rename[init.name] = shared[key].name
+        for node in model.graph.node:
+            node.input[:] = [rename.get(i, i) for i in node.input]
+        branches.append(onnx.helper.make_graph(list(model.graph.node), name, [], list(model.graph.output), local))
+    else_branch, then_branch = branches
+    outputs = [output.name for output in else_model.graph.output]
+    node = onnx.helper.make_node("If", [flag], outputs, name=f"{graph_name}_if", then_branch=then_branch,
+                                 else_branch=else_branch)
+    flag_input = onnx.helper.make_tensor_value_info(flag, onnx.TensorProto.BOOL, [1])
+    graph = onnx.helper.make_graph([node], graph_name, [*else_model.graph.input, flag_input],
+                                   list(else_model.graph.output), list(shared.values()))
+    return onnx.helper.make_model(graph, producer_name="armada", opset_imports=list(else_model.opset_import),
+                                  ir_version=else_model.ir_version)
 
 
 def _copy_tokenizer(source, target):
@@ -456,16 +556,16 @@ _FALLBACK_TEXT = (
 )
 
 
-# model_type -> how it is loaded, exported, checked and served. A new architecture adds an OnnxConfig in
-# onnx_configs.py, a row here and an ORT class in armada/onnxruntime.py.
+# model_type -> how it is loaded, exported, checked and served (on either backend). A new architecture adds a graph
+# in graphs.py (and its OnnxConfig in onnx_configs.py), a row here and an ORT class in armada/onnxruntime.py.
 EXPORTERS = {
-    "agency_gpt2": {"auto_class": "AutoModelForCausalLM", "export": _export_agency,
+    "agency_gpt2": {"auto_class": "AutoModelForCausalLM", "export": _export_one,
                     "parity_fp32": _agency_parity_fp32, "text_scores": _causal_scores,
                     "ort_class": "ORTAgencyGPT2ForCausalLM"},
     "unified_armt": {"auto_class": "AutoModelForCausalLM", "export": _export_armt,
                      "parity_fp32": _armt_parity_fp32, "text_scores": _causal_scores,
                      "ort_class": "ORTUnifiedARMTForCausalLM"},
-    "thought_diffusion": {"auto_class": "AutoModelForMaskedLM", "export": _export_diffusion,
+    "thought_diffusion": {"auto_class": "AutoModelForMaskedLM", "export": _export_one,
                           "parity_fp32": _diffusion_parity_fp32, "text_scores": _diffusion_scores,
                           "ort_class": "ORTThoughtDiffusionForMaskedLM"},
 }
