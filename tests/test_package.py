@@ -1,5 +1,7 @@
+import os
 import subprocess
 import sys
+import tomllib
 
 import pytest
 import torch
@@ -53,3 +55,20 @@ def test_atomic_directory_leaves_nothing_on_error(tmp_path):
             raise RuntimeError("interrupted")
     assert (target / "a.txt").read_text() == "first", "a failed write must not touch the previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_pyproject_installs_every_package_of_the_source_tree():
+    """A wheel holds only the packages pyproject lists (armada.export was once missing, so `pip install` users had
+    no ONNX export): every folder with an __init__.py under armada/ and the mapped top-level folders is listed."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "pyproject.toml"), "rb") as f:
+        setuptools = tomllib.load(f)["tool"]["setuptools"]
+    folders = {name: os.path.join(repo, folder) for name, folder in setuptools["package-dir"].items()}
+    found = set()
+    for name, folder in folders.items():
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = [d for d in dirs if not d.startswith((".", "__"))]
+            relative = os.path.relpath(root, folder)
+            if "__init__.py" in files:
+                found.add(name if relative == "." else f"{name}.{relative.replace(os.sep, '.')}")
+    assert sorted(found) == sorted(setuptools["packages"])
