@@ -360,9 +360,12 @@ class AgencyGPT2PreTrainedModel(PreTrainedModel):
         base = self.base_model
         cfg = self.config
         merged = {layer: set(heads) for layer, heads in cfg.pruned_heads.items()}
+        for layer in heads_to_prune:
+            if not isinstance(layer, int) or not -cfg.n_layer <= layer < cfg.n_layer:
+                raise ValueError(f"Cannot prune layer {layer!r}: allowed layers are 0..{cfg.n_layer - 1} (or "
+                                 f"-{cfg.n_layer}..-1 counted from the end).")
+        heads_to_prune = {layer % cfg.n_layer: heads for layer, heads in heads_to_prune.items()}  # -1: the last
         for layer, heads in heads_to_prune.items():
-            if not isinstance(layer, int) or not 0 <= layer < cfg.n_layer:
-                raise ValueError(f"Cannot prune layer {layer!r}: allowed layers are 0..{cfg.n_layer - 1}.")
             heads = list(heads)
             bad = [h for h in heads if not isinstance(h, int) or not 0 <= h < cfg.n_head]
             if bad:

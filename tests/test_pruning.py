@@ -133,7 +133,16 @@ def test_prune_heads_rejects_bad_requests():
         model.prune_heads({3: [0]})
     with pytest.raises(ValueError, match="every head of the model"):
         model.prune_heads({layer: list(range(N_HEAD)) for layer in range(N_LAYER)})
+    with pytest.raises(ValueError, match=r"allowed layers are 0..2 \(or -3..-1"):
+        model.prune_heads({-4: [0]})
     assert model.num_heads_per_layer() == [4, 4, 4], "a rejected request must leave the model untouched"
+
+
+def test_prune_heads_counts_negative_layers_from_the_end():
+    """As in GPT-2 and PreTrainedModel: layer -1 is the last one."""
+    model = make_model()
+    model.prune_heads({-1: [0], -3: [1, 2]})
+    assert model.num_heads_per_layer() == [2, 4, 3] and model.config.pruned_heads == {0: [1, 2], 2: [0]}
 
 
 def test_prune_on_non_agency_model_raises():
