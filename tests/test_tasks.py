@@ -607,3 +607,13 @@ def test_task_curriculum_makes_the_stream_harder_inside_curriculum_trainer(tmp_p
                               metric="eval_accuracy", thresholds=[0.9, None])
     assert [(s.metric, s.threshold, s.max_steps) for s in mastery] == [("eval_accuracy", 0.9, 100), (None, None, None)]
     assert mastery[0].reached({"eval_accuracy": 0.95}) and not mastery[1].reached({"eval_accuracy": 1.0})
+
+
+def test_babilong_without_its_default_text_says_what_to_pass(monkeypatch, tmp_path):
+    """In an installed armada there is no ../shared/data beside the package: the default background is named as
+    missing and the error says what to pass instead (not a path inside the virtualenv)."""
+    from armada.tasks import babilong
+
+    monkeypatch.setattr(babilong, "DEFAULT_BACKGROUND", str(tmp_path / "shared" / "input.txt"))
+    with pytest.raises(FileNotFoundError, match="default background text .* pass background_path= any long text"):
+        BabiLong()

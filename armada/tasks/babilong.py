@@ -55,6 +55,10 @@ class BabiLong(_Task):
             raise ValueError(f"babi must be a BabiTask, got {type(self.babi).__name__}.")
         _check_ints(self, 1, "target_length")
         path = self.background
+        if self.background_path is None and not os.path.isfile(path):
+            raise FileNotFoundError("BabiLong's default background text (tinyshakespeare, in ../shared/data beside a "
+                                    "checkout of armada) is not here, as in an installed armada; pass "
+                                    "background_path= any long text file.")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Background text file {path!r} not found; pass background_path= any text file "
                                     "(e.g. ../shared/data/wikitext-2/valid.txt or tinyshakespeare/input.txt).")
