@@ -680,9 +680,15 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         out = ThoughtDiffusionModelOutput(
             last_hidden_state=hidden, new_thought=new_thought, thought_stack=thought_stack,
             thought_features=features, past_key_values=cache,
-            hidden_states=tuple(h[:, :length] for h in all_hidden) if output_hidden_states else None,
+            hidden_states=self._noisy_stream(all_hidden, length) if output_hidden_states else None,
             attentions=tuple(all_attn) if output_attentions else None)
         return out if return_dict else out.to_tuple()
+
+    @staticmethod
+    def _noisy_stream(all_hidden, length):
+        """Each layer's hidden states of the noisy stream: the tensors themselves when no clean stream was appended
+        (so `retain_grad()` on them sees the gradient), else their first `length` positions."""
+        return tuple(h if h.shape[1] == length else h[:, :length] for h in all_hidden)
 
     def _positions_and_streams(self, input_ids, attention_mask, position_ids, block_ids, thought_groups, timesteps,
                                clean_input_ids, past_key_values=None):

@@ -592,3 +592,18 @@ def test_saved_checkpoint_loads_as_remote_code_without_armada(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     module, diff = out.stdout.split()
     assert module.startswith("transformers_modules.") and float(diff) <= 1e-6
+
+
+def test_hidden_states_are_the_layers_own_tensors():
+    """Without a doubled stream (MDLM, or evaluation) `hidden_states` are the tensors the layers computed, so
+    `retain_grad()` on them gets their gradient, as in transformers' models."""
+    tester = ThoughtDiffusionModelTester()
+    model = tester.model().train()
+    noisy = tester.input_ids()
+    noisy[:, 4:8] = MASK
+    out = model(noisy, output_hidden_states=True)
+    for h in out.hidden_states:
+        h.retain_grad()
+    out.logits.float().pow(2).mean().backward()
+    assert len(out.hidden_states) == model.config.num_hidden_layers + 1
+    assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in out.hidden_states)
