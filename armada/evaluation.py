@@ -117,7 +117,9 @@ def diffusion_elbo_perplexity(model, blocks: torch.Tensor, t_points: int = 8, ba
             for i in range(0, len(blocks), batch_size):
                 torch.manual_seed(seed * 1000 + k * 100 + i)
                 batch = blocks[i:i + batch_size]
-                out = model(input_ids=batch, labels=batch, timesteps=torch.full((len(batch),), t, device=batch.device))
+                generator = torch.Generator(batch.device).manual_seed(seed * 1000 + k * 100 + i)
+                out = model(input_ids=batch, labels=batch, timesteps=torch.full((len(batch),), t, device=batch.device),
+                            generator=generator)
                 total += float(out.elbo) * len(batch)
     finally:
         config.thought_train_prob = saved

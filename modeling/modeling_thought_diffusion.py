@@ -799,6 +799,7 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
         output_attentions: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        generator: Optional[torch.Generator] = None,
         **kwargs,
     ):
         r"""
@@ -810,11 +811,14 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
             `block_length`) drawn antithetically from `config.train_time_range` unless `timesteps` is given, each
             labeled real token masked with probability m(t), and returns the ELBO-weighted cross-entropy on the
             masked positions (plus the auxiliary thought losses).
+        generator (`torch.Generator`, *optional*, on the inputs' device): draws t and the masks with `labels`. In
+            evaluation (`model.eval()`) it defaults to a generator seeded with 0, so the same batch always gives the
+            same loss (`Trainer.evaluate` is reproducible); in training, torch's global random state.
         """
         return_dict = return_dict if return_dict is not None else self.config.use_return_dict
         if labels is not None:
             out = self._diffusion_loss(input_ids, attention_mask, position_ids, timesteps, thought_stack, labels,
-                                       output_attentions, output_hidden_states)
+                                       output_attentions, output_hidden_states, generator)
         else:
             base = self.transformer(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     timesteps=timesteps, thought_stack=thought_stack, block_ids=block_ids,
@@ -828,19 +832,21 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
         return out if return_dict else out.to_tuple()
 
     # ------------------------------------------------------------------ training objective
-    def sample_times(self, shape, device):
+    def sample_times(self, shape, device, generator=None):
         """Antithetic t in `config.train_time_range`: one uniform u, then (u + i / n) mod 1 for the n draws."""
         n = math.prod(shape)
-        u = (torch.rand((), device=device) + torch.arange(n, device=device) / n) % 1
+        u = (torch.rand((), device=device, generator=generator) + torch.arange(n, device=device) / n) % 1
         low, high = self.config.train_time_range
-        return (low + (high - low) * u)[torch.randperm(n, device=device)].view(shape)
+        return (low + (high - low) * u)[torch.randperm(n, device=device, generator=generator)].view(shape)
 
     def _diffusion_loss(self, input_ids, attention_mask, position_ids, timesteps, thought_stack, labels,
-                        output_attentions, output_hidden_states):
+                        output_attentions, output_hidden_states, generator=None):
         cfg, model = self.config, self.transformer
         input_ids = input_ids if input_ids is not None else labels.clamp_min(0)
         batch, length = input_ids.shape
         device = input_ids.device
+        if generator is None and not self.training:  # evaluation: the same batch, the same t, masks and loss
+            generator = torch.Generator(device=device).manual_seed(0)
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         targets = labels.to(device)
         corruptible = (targets != -100) & valid & (input_ids != cfg.mask_token_id)
@@ -851,10 +857,10 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
 
         complementary = self.training and cfg.complementary_masking and timesteps is None
         if timesteps is None:
-            timesteps = self.sample_times((batch, num_groups), device).gather(1, groups)
+            timesteps = self.sample_times((batch, num_groups), device, generator).gather(1, groups)
         timesteps = timesteps.to(device).float()
         timesteps = timesteps.unsqueeze(1).expand(-1, length) if timesteps.dim() == 1 else timesteps
-        uniform = torch.rand(batch, length, device=device)  # one per token: masks at different t are nested
+        uniform = torch.rand(batch, length, device=device, generator=generator)  # one per token: masks are nested
         if complementary:
             tensors = (input_ids, attention_mask, targets, corruptible, position_ids, blocks, groups)
             tensors, timesteps, uniform, thought_stack = self._complementary_copy(tensors, timesteps, uniform,

@@ -607,3 +607,20 @@ def test_hidden_states_are_the_layers_own_tensors():
     out.logits.float().pow(2).mean().backward()
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     assert all(h.grad is not None and h.grad.abs().sum() > 0 for h in out.hidden_states)
+
+
+@pytest.mark.parametrize("block_length", [None, 4])
+def test_evaluation_loss_is_reproducible(block_length):
+    """In eval mode the loss's t and masks come from a generator seeded with 0 (or the one given), so evaluating a
+    batch twice gives one figure; in training they follow torch's global random state."""
+    tester = ThoughtDiffusionModelTester(block_length=block_length)
+    model, ids = tester.model().eval(), tester.input_ids()
+    with torch.no_grad():
+        first, second = (model(ids, labels=ids).loss for _ in range(2))
+        assert torch.equal(first, second)
+        seeded = [model(ids, labels=ids, generator=torch.Generator().manual_seed(7)).loss for _ in range(2)]
+        assert torch.equal(*seeded) and not torch.equal(seeded[0], first)
+        model.train()
+        torch.manual_seed(0)
+        drawn = [model(ids, labels=ids).loss for _ in range(2)]
+    assert not torch.equal(*drawn)
