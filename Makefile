@@ -3,8 +3,10 @@
 #   make test   -- lint, then the test suite on both supported stacks
 #
 # Two virtualenvs, each created or refreshed when pyproject.toml changes:
-#   .venv      the newest transformers 5.x / huggingface_hub the ranges admit (the demo runs here)
-#   .venv-457  transformers 4.57.x with optimum-onnx 0.1.0 (its latest release, which needs transformers < 4.58)
+#   .venv      the newest transformers 5.x / huggingface_hub the ranges admit; ONNX through torch.onnx (the demo
+#              runs here)
+#   .venv-457  transformers 4.57.x with optimum-onnx 0.1.0 (its latest release, which needs transformers < 4.58):
+#              ONNX through optimum, and the torch.onnx path tested against it
 # torch is installed first in each, so the CPU wheel is used.
 PYTHON   ?= python3
 VENV     ?= .venv
@@ -24,13 +26,13 @@ $(PY_457):
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q --upgrade -e ".[dev,bench]"
+	$(PY) -m pip install -q --upgrade -e ".[dev,bench,onnx]"
 	touch $@
 
 $(VENV_457)/.installed: pyproject.toml | $(PY_457)
 	$(PY_457) -m pip install -q --upgrade pip
 	$(PY_457) -m pip install -q torch==2.13.0
-	$(PY_457) -m pip install -q --upgrade -e ".[dev,bench,onnx]" "transformers==4.57.*"
+	$(PY_457) -m pip install -q --upgrade -e ".[dev,bench,optimum]" "transformers==4.57.*"
 	touch $@
 
 venv: $(VENV)/.installed $(VENV_457)/.installed

@@ -62,21 +62,18 @@ else:
 
 
 # ONNX --------------------------------------------------------------------------------------------------------------
-# armada's ONNX export and ONNX Runtime classes are built on optimum-onnx, whose latest release (0.1.0) requires
-# transformers < 4.58. With transformers 5 the `onnx` extra cannot be installed beside it.
+# armada's ONNX export and ONNX Runtime classes need onnx and onnxruntime only: the graphs go through optimum-onnx
+# where it installs (transformers 4.57: its latest release, 0.1.0, requires transformers < 4.58) and through
+# torch.onnx elsewhere (armada.export.onnx_backend()).
 def onnx_export_missing() -> str:
     """Why armada.export / armada.onnxruntime cannot be used here ('' when they can)."""
     import importlib.util
 
-    try:
-        found = importlib.util.find_spec("optimum.exporters.onnx") and importlib.util.find_spec("onnxruntime")
-    except ModuleNotFoundError:  # no `optimum` at all
-        found = None
-    if found:
+    missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if not missing:
         return ""
-    return (f"ONNX export needs the onnx extra (optimum-onnx 0.1.0 and onnxruntime), which is not installed; it "
-            f"supports transformers 4.57 only (this environment has {TRANSFORMERS_VERSION}): in a transformers 4.57 "
-            'environment, pip install "armada[onnx]".')
+    return (f"ONNX export needs the onnx extra ({' and '.join(missing)} not installed): "
+            'pip install "armada[onnx]".')
 
 
 def require_onnx_export():

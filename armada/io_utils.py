@@ -237,11 +237,13 @@ def check_checkpoint_folder(path: str):
 
 def weights_digest(model) -> str:
     """sha256 over a model's state dict (names and bytes, in name order): equal digests mean equal weights, e.g.
-    on every rank of a distributed run, or before and after a resumed training."""
+    on every rank of a distributed run, or before and after a resumed training. Sharded tensors (FSDP's DTensors)
+    are gathered first, so every rank must call it."""
     import hashlib
 
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()

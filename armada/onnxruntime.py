@@ -1,21 +1,26 @@
-"""ONNX Runtime inference for exported armada models (`armada.export.export_onnx`), built on optimum.onnxruntime.
+"""ONNX Runtime inference for exported armada models (`armada.export.export_onnx`), with onnxruntime alone.
 
     >>> from armada.onnxruntime import ORTAgencyGPT2ForCausalLM, ORTUnifiedARMTForCausalLM
     >>> model = ORTAgencyGPT2ForCausalLM.from_pretrained("out/agency_onnx", file_name="model_quantized.onnx")
     >>> model.generate(input_ids, max_new_tokens=32)
 
-- `ORTAgencyGPT2ForCausalLM`: `ORTModelForCausalLM` (which already loads an unpruned AgencyGPT2 export) taught
-  that every layer's cache has its own head count, so physically pruned checkpoints generate too.
+- `ORTAgencyGPT2ForCausalLM`: the exported decoder with past key/values under `GenerationMixin.generate` (greedy,
+  sampling, beam search); every layer's cache keeps its own head count, so physically pruned checkpoints generate
+  too. (Where optimum is installed, its `ORTModelForCausalLM` also loads an unpruned export.)
 - `ORTUnifiedARMTForCausalLM`: streams input of any length through the exported segment step, carrying the
   associative memory and the open segment's cache between calls, and generates across segment boundaries with
   `GenerationMixin.generate` (greedy decoding and sampling, as the PyTorch model).
 - `ORTThoughtDiffusionForMaskedLM`: the exported denoising step driven by `ThoughtDiffusionForMaskedLM`'s own sampler
   (`generate_with_stack`, `generate`: blocks, remasking, threshold decoding, the block KV cache, the thought stack),
   so the two give the same tokens.
+
+All three derive from `ORTModel` (an `onnxruntime.InferenceSession` with the model's config; no optimum needed).
 """
 
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -23,14 +28,21 @@ import torch
 
 from armada.compat import require_onnx_export
 
-require_onnx_export()  # one clear line instead of optimum's ModuleNotFoundError
+require_onnx_export()  # one clear line instead of a ModuleNotFoundError
 
-from optimum.onnxruntime import ORTModel, ORTModelForCausalLM  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, GenerationConfig, GenerationMixin  # noqa: E402
+import onnxruntime  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    GenerationConfig,
+    GenerationMixin,
+)
 from transformers.modeling_outputs import ModelOutput  # noqa: E402
 
 import armada  # noqa: E402,F401  (registers the configurations with AutoConfig)
-from armada import ThoughtDiffusionForMaskedLM, UnifiedARMTForCausalLM  # noqa: E402
+from armada import AgencyGPT2ForCausalLM, ThoughtDiffusionForMaskedLM, UnifiedARMTForCausalLM  # noqa: E402
+from armada.modeling.modeling_agency_gpt2 import CACHE_FIELD  # noqa: E402
 from armada.modeling.modeling_thought_diffusion import (  # noqa: E402
     ThoughtDiffusionBlockCache,
     ThoughtDiffusionMaskedLMOutput,
@@ -38,7 +50,7 @@ from armada.modeling.modeling_thought_diffusion import (  # noqa: E402
     ThoughtStack,
 )
 
-from .export.onnx_configs import (  # noqa: E402
+from .export.graphs import (  # noqa: E402
     armt_state_names,
     armt_state_shapes,
     diffusion_cache_names,
@@ -63,40 +75,178 @@ def torch_threads(count: int = 1):
         torch.set_num_threads(saved)
 
 
-class ORTAgencyGPT2ForCausalLM(ORTModelForCausalLM):
-    """`ORTModelForCausalLM` for AgencyGPT2 exports whose layers keep different numbers of heads (pruned).
+def _numpy(x):
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
-    ORT's class builds the first step's empty cache with `config.num_attention_heads` heads in every layer; here each
-    layer's count is read from the ONNX graph's declared input shapes. IO binding, which also assumes one head count,
-    is turned off for such graphs.
+
+class ORTModel:
+    """An exported armada graph on ONNX Runtime: `session` (an `onnxruntime.InferenceSession`), `config` and
+    `generation_config` of the model, and the graph's `input_names`/`output_names` ({name: index}) and
+    `input_shapes`/`output_shapes`. Runs on the CPU in float32 (`device`, `dtype`)."""
+
+    auto_model_class = None
+    main_input_name = "input_ids"
+    _supports_cache_class = False
+    _is_stateful = False
+    device = torch.device("cpu")
+    dtype = torch.float32
+
+    def __init__(self, *, config=None, session=None, use_io_binding=None, generation_config=None,
+                 model_save_dir=None):
+        self.config, self.session = config, session
+        self.path = Path(session._model_path)
+        self.model_save_dir = model_save_dir
+        self.use_io_binding = False
+        self.input_names = {spec.name: i for i, spec in enumerate(session.get_inputs())}
+        self.output_names = {spec.name: i for i, spec in enumerate(session.get_outputs())}
+        self.input_shapes = {spec.name: spec.shape for spec in session.get_inputs()}
+        self.output_shapes = {spec.name: spec.shape for spec in session.get_outputs()}
+        self.generation_config = generation_config or GenerationConfig.from_model_config(config)
+
+    @classmethod
+    def from_pretrained(cls, model_id, file_name: str = "model.onnx", subfolder: str = "", config=None,
+                        session_options: Optional[onnxruntime.SessionOptions] = None,
+                        provider: str = "CPUExecutionProvider", provider_options: Optional[dict] = None,
+                        use_io_binding=None, **hub_kwargs):
+        """Load `file_name` of an export folder (`export_onnx`'s output), or of a Hub repository holding one."""
+        directory = os.path.join(os.fspath(model_id), subfolder)
+        if not os.path.isdir(directory):
+            from huggingface_hub import snapshot_download
+
+            directory = os.path.join(snapshot_download(os.fspath(model_id), allow_patterns=[
+                os.path.join(subfolder, pattern) for pattern in (file_name, f"{file_name}_data", "*.json", "*.txt")
+            ], **hub_kwargs), subfolder)
+        path = os.path.join(directory, file_name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{directory!r} has no {file_name!r}; expected a folder written by armada.export.")
+        config = config or AutoConfig.from_pretrained(directory, trust_remote_code=False)
+        generation_config = None
+        if os.path.isfile(os.path.join(directory, "generation_config.json")):
+            generation_config = GenerationConfig.from_pretrained(directory)
+        session = onnxruntime.InferenceSession(path, sess_options=session_options, providers=[provider],
+                                               provider_options=[provider_options] if provider_options else None)
+        return cls(config=config, session=session, use_io_binding=use_io_binding,
+                   generation_config=generation_config, model_save_dir=directory)
+
+    def can_generate(self):
+        return True
+
+    def _prepare_cache_for_generation(self, *args, **kwargs):
+        return  # the state lives in model_kwargs as the graph's own tensors, not as a transformers Cache
+
+    @contextmanager
+    def _optimize_model_for_decode(self):
+        yield  # transformers 5 switches PyTorch MoE kernels here; an ONNX graph has none
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def run(self, feed: dict) -> dict:
+        """The session on `feed` ({input name: array or tensor}; names the graph lacks are left out), as
+        {output name: numpy array}."""
+        feed = {name: _numpy(value) for name, value in feed.items() if name in self.input_names}
+        return dict(zip(self.output_names, self.session.run(None, feed)))
+
+
+# ----------------------------------------------------------------------------------------------------- AgencyGPT2
+@dataclass
+class ORTCausalLMOutput(ModelOutput):
+    logits: Optional[torch.FloatTensor] = None
+    past_key_values: Optional[tuple] = None  # ((key, value) per cache slot)
+
+
+class ORTAgencyGPT2ForCausalLM(ORTModel, GenerationMixin):
+    """AgencyGPT2 exported as a decoder with past key/values (`export_onnx`), on ONNX Runtime.
+
+    Every cache slot's head count is read from the graph's declared input shapes (`cache_heads`, one per
+    `key_value_input_names` entry), so layers pruned to different head counts generate too. `forward` takes and
+    returns the cache as a tuple of (key, value) per slot; prompts padded on either side generate as in
+    `AgencyGPT2ForCausalLM.generate` (right padding is moved to the left first).
     """
 
-    def __init__(self, *args, use_io_binding=None, **kwargs):
-        super().__init__(*args, use_io_binding=use_io_binding, **kwargs)
-        shapes = {i.name: i.shape for i in self.session.get_inputs()}
-        self.cache_heads = [shapes[name][1] for name in self.key_value_input_names]
+    auto_model_class = AutoModelForCausalLM
+
+    def __init__(self, *, config=None, session=None, use_io_binding=None, generation_config=None,
+                 model_save_dir=None):
+        super().__init__(config=config, session=session, generation_config=generation_config,
+                         model_save_dir=model_save_dir)
+        self.key_value_input_names = [name for name in self.input_names if name.startswith("past_key_values.")]
+        self.key_value_output_names = [name for name in self.output_names if name.startswith("present.")]
+        self.can_use_cache = bool(self.key_value_input_names and self.key_value_output_names)
+        self.cache_heads = [self.input_shapes[name][1] for name in self.key_value_input_names]
         if any(not isinstance(h, int) for h in self.cache_heads):
             raise ValueError(f"The ONNX graph's past_key_values inputs must declare their head counts; got "
                              f"{self.cache_heads}.")
-        # A pruned graph may keep the same count in every layer, but fewer than config.num_attention_heads.
-        self.own_empty_cache = any(h != self.config.num_attention_heads for h in self.cache_heads)
-        if self.own_empty_cache and self.use_io_binding:
-            self.use_io_binding = False
+        self.embed_size_per_head = config.n_embd // config.n_head
 
-    def generate(self, *args, **kwargs):
-        with torch_threads(1):
-            return super().generate(*args, **kwargs)
+    def _empty_cache(self, batch):
+        return tuple(
+            tuple(torch.zeros(batch, heads, 0, self.embed_size_per_head) for _ in range(2))
+            for heads in self.cache_heads[::2]
+        )
 
     def forward(self, input_ids, attention_mask=None, past_key_values=None, position_ids=None, use_cache=None,
                 **kwargs):
-        if past_key_values is None and self.key_value_input_names and self.own_empty_cache:
-            batch, head_dim = input_ids.shape[0], self.embed_size_per_head
-            zeros = [torch.zeros(batch, heads, 0, head_dim, dtype=self.dtype) for heads in self.cache_heads]
-            if not isinstance(input_ids, torch.Tensor):
-                zeros = [z.numpy() for z in zeros]
-            past_key_values = tuple(tuple(zeros[i:i + 2]) for i in range(0, len(zeros), 2))
-        return super().forward(input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
-                               position_ids=position_ids, use_cache=use_cache, **kwargs)
+        """Logits of `input_ids` after the cached `past_key_values` (((key, value) per slot) or None), and the cache
+        extended by them. Positions default to counting on from the cache, the mask to all ones."""
+        use_torch = isinstance(input_ids, torch.Tensor)
+        ids = torch.as_tensor(input_ids)
+        batch, length = ids.shape
+        past = past_key_values if past_key_values is not None else self._empty_cache(batch)
+        past_length = past[0][1].shape[-2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long)
+        if position_ids is None:
+            position_ids = torch.arange(past_length, past_length + length).expand(batch, -1)
+        feed = {"input_ids": ids, "attention_mask": torch.as_tensor(attention_mask).long(),
+                "position_ids": torch.as_tensor(position_ids).long(),
+                **dict(zip(self.key_value_input_names, (t for pair in past for t in pair)))}
+        out = self.run(feed)
+        convert = torch.from_numpy if use_torch else (lambda array: array)
+        present = [convert(out[name]) for name in self.key_value_output_names]
+        return ORTCausalLMOutput(
+            logits=convert(out["logits"]),
+            past_key_values=tuple(zip(present[::2], present[1::2])) if use_cache is not False else None,
+        )
+
+    # ------------------------------------------------------------------ generation (the cache: `ORTCausalLMOutput`'s)
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, use_cache=True, **kwargs):
+        past = kwargs.get(CACHE_FIELD)
+        if past is not None:
+            input_ids = input_ids[:, past[0][1].shape[-2]:]
+        position_ids = None
+        if attention_mask is not None:  # positions count real tokens (left padding), as the PyTorch model's
+            position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+            position_ids = position_ids[:, -input_ids.shape[1]:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past,
+                "position_ids": position_ids, "use_cache": use_cache}
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
+                                            num_new_tokens=1):
+        model_kwargs[CACHE_FIELD] = outputs.past_key_values
+        if model_kwargs.get("attention_mask") is not None:
+            mask = model_kwargs["attention_mask"]
+            model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], num_new_tokens))], dim=-1)
+        if model_kwargs.get("cache_position") is not None:
+            model_kwargs["cache_position"] = model_kwargs["cache_position"][-1:] + num_new_tokens
+        return model_kwargs
+
+    @staticmethod
+    def _reorder_cache(past_key_values, beam_idx):
+        return tuple(tuple(t.index_select(0, beam_idx) for t in pair) for pair in past_key_values)
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate` under `torch_threads(1)`, for prompts padded on either side (as
+        `AgencyGPT2ForCausalLM.generate`: right-padded rows are left-aligned first)."""
+        if inputs is None and "input_ids" in kwargs:
+            inputs = kwargs.pop("input_ids")
+        if kwargs.get("attention_mask") is not None:
+            inputs, kwargs["attention_mask"] = AgencyGPT2ForCausalLM._left_align(inputs, kwargs["attention_mask"])
+        with torch_threads(1):
+            return super().generate(inputs, generation_config=generation_config, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------------- UnifiedARMT
@@ -146,19 +296,13 @@ class ORTUnifiedARMTForCausalLM(ORTModel, GenerationMixin):
 
     def __init__(self, *, config=None, session=None, use_io_binding=None, generation_config=None,
                  model_save_dir=None):
-        super().__init__(config=config, session=session, use_io_binding=False, model_save_dir=model_save_dir)
+        super().__init__(config=config, session=session, generation_config=generation_config,
+                         model_save_dir=model_save_dir)
         expected = ["input_ids", "lengths", *armt_state_names(config), "commit"]
         if self.input_names and list(self.input_names) != expected:
             raise ValueError(f"{session._model_path} is not a UnifiedARMT segment step exported by armada: its inputs "
                              f"are {list(self.input_names)[:4]}..., expected {expected[:4]}...")
-        self.generation_config = generation_config or GenerationConfig.from_model_config(config)
         self.state_names = armt_state_names(config)
-
-    def can_generate(self):
-        return True
-
-    def _prepare_cache_for_generation(self, *args, **kwargs):
-        return
 
     def step(self, input_ids: np.ndarray, lengths: np.ndarray, state: ORTUnifiedARMTState):
         """One run of the graph on a piece that does not cross a segment boundary. Returns (logits, new state).
@@ -223,10 +367,6 @@ class ORTUnifiedARMTForCausalLM(ORTModel, GenerationMixin):
 
 
 # ----------------------------------------------------------------------------------------------------- ThoughtDiffusion
-def _numpy(x):
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-
-
 class ORTThoughtDiffusionForMaskedLM(ORTModel):
     """ThoughtDiffusion on ONNX Runtime: `forward` runs the exported denoising step (tokens, t, thought stack, block
     cache -> SUBS logits, new thought, pushed stack, extended cache); `generate_with_stack` and `generate` are
@@ -238,7 +378,8 @@ class ORTThoughtDiffusionForMaskedLM(ORTModel):
 
     def __init__(self, *, config=None, session=None, use_io_binding=None, generation_config=None,
                  model_save_dir=None):
-        super().__init__(config=config, session=session, use_io_binding=False, model_save_dir=model_save_dir)
+        super().__init__(config=config, session=session, generation_config=generation_config,
+                         model_save_dir=model_save_dir)
         self.stack_names = diffusion_stack_names(config)
         self.cache_names = diffusion_cache_names(config)
         expected = ["input_ids", "attention_mask", "position_ids", "block_ids", "timesteps", *self.cache_names,
@@ -246,10 +387,6 @@ class ORTThoughtDiffusionForMaskedLM(ORTModel):
         if self.input_names and list(self.input_names) != expected:
             raise ValueError(f"{session._model_path} is not a ThoughtDiffusion denoising step exported by armada: its "
                              f"inputs are {list(self.input_names)[:6]}..., expected {expected[:6]}...")
-        self.generation_config = generation_config or GenerationConfig.from_model_config(config)
-
-    def can_generate(self):
-        return True
 
     def _empty_cache(self, batch):
         cfg = self.config
@@ -325,5 +462,5 @@ class ORTThoughtDiffusionForMaskedLM(ORTModel):
     _select = ThoughtDiffusionForMaskedLM._select
 
 
-__all__ = ["ORTAgencyGPT2ForCausalLM", "ORTUnifiedARMTForCausalLM", "ORTUnifiedARMTState",
-           "ORTThoughtDiffusionForMaskedLM", "torch_threads"]
+__all__ = ["ORTModel", "ORTAgencyGPT2ForCausalLM", "ORTCausalLMOutput", "ORTUnifiedARMTForCausalLM",
+           "ORTUnifiedARMTState", "ORTThoughtDiffusionForMaskedLM", "torch_threads"]

@@ -5,18 +5,20 @@ Families (random-init weights, seeded: speed and size do not depend on the weigh
   agency      AgencyGPT2 on the GPT-2 124M shape, unpruned (from_gpt2 of a random GPT2LMHeadModel); ONNX through
               armada.onnxruntime.ORTAgencyGPT2ForCausalLM (every armada family uses its armada ORT class)
   agency50    the same with 50% of the heads pruned (select_heads(score_heads(model, "magnitude"), 0.5), global)
-  gpt2        stock GPT2LMHeadModel exported by optimum (onnx_export_from_model, text-generation-with-past) and
-              quantized with the same ORTQuantizer config: the peer, run by optimum's ORTModelForCausalLM with the
-              generation-loop setting of armada's ORT classes (`armada.onnxruntime.torch_threads(1)` around
-              generate; benchmarks/ort_threads.py measures what it is worth)
+  gpt2        stock GPT2LMHeadModel exported as a decoder with past and quantized with the same int8 config: the
+              peer. With the optimum backend (`armada.export.onnx_backend()`) optimum's own export
+              (onnx_export_from_model, text-generation-with-past) run by its ORTModelForCausalLM; with the torch
+              backend armada's decoder graph run by ORTAgencyGPT2ForCausalLM. Either way with the generation-loop
+              setting of armada's ORT classes (`armada.onnxruntime.torch_threads(1)` around generate;
+              benchmarks/ort_threads.py measures what it is worth)
   armt        UnifiedARMT at the size of benchmarks/armt_scaling.py (256 wide, 4 layers, 4 heads, segment 512,
               16 memory tokens, GPT-2 vocabulary)
   diffusion   ThoughtDiffusion at the size of benchmarks/diffusion.py (128 wide, 4 layers, 4 heads, blocks of 16,
               thought stack 8) with the GPT-2 vocabulary + [MASK]; its `generate` is greedy `generate_with_stack`
               with 16 denoising steps for the 64 new tokens (block KV cache), its forward one denoising call on
               inputs with half of the tokens masked
-Each family runs as pt (PyTorch fp32, eval, inference_mode), onnx (fp32) and int8 (dynamic int8, ORTQuantizer with
-the config for this CPU). Measured:
+Each family runs as pt (PyTorch fp32, eval, inference_mode), onnx (fp32) and int8 (dynamic int8 with the config for
+this CPU: ORTQuantizer with the optimum backend, onnxruntime's quantize_dynamic with the torch backend). Measured:
   generate  tokens/s (new tokens / wall time of generate(), prefill included), batch 1, 32-token prompt, 64 greedy
             new tokens (min_new_tokens=64)
   forward   tokens/s, batch 4 x 256, full-sequence forward without cache
@@ -122,21 +124,25 @@ def build_pytorch(args):
 
 def export_all(models, work, args):
     """PyTorch checkpoint + ONNX fp32/int8 export of every family; returns {family: {kind: path}} and reports."""
-    from optimum.exporters.onnx import onnx_export_from_model
-    from optimum.onnxruntime import ORTQuantizer
-
-    from armada.export import export_onnx, quantization_config
+    from armada.export import AgencyGPT2Graph, export_onnx, onnx_backend, quantization_config, quantize_int8
+    from armada.export.onnx_export import export_graph
 
     files, reports = {}, {}
     for name, model in models.items():
         pt_dir, onnx_dir = os.path.join(work, name, "pytorch"), os.path.join(work, name, "onnx")
         model.save_pretrained(pt_dir)
         t = time.perf_counter()
-        if name == "gpt2":  # optimum's own export of the stock model, quantized with the same config
-            onnx_export_from_model(model, onnx_dir, task="text-generation-with-past", do_validation=False)
-            ORTQuantizer.from_pretrained(onnx_dir, file_name="model.onnx").quantize(
-                quantization_config(per_channel=args.per_channel), save_dir=onnx_dir)
-            reports[name] = {"exporter": "optimum onnx_export_from_model + ORTQuantizer"}
+        if name == "gpt2":  # the stock model as a decoder with past, quantized with the same config
+            if onnx_backend() == "optimum":  # optimum's own export
+                from optimum.exporters.onnx import onnx_export_from_model
+
+                onnx_export_from_model(model, onnx_dir, task="text-generation-with-past", do_validation=False)
+                exporter = "optimum onnx_export_from_model + ORTQuantizer"
+            else:
+                export_graph(model, AgencyGPT2Graph(model.config), onnx_dir)
+                exporter = "armada decoder graph (torch.onnx) + onnxruntime quantize_dynamic"
+            quantize_int8(onnx_dir, quantization_config(per_channel=args.per_channel))
+            reports[name] = {"exporter": exporter}
         else:
             reports[name] = export_onnx(model, onnx_dir, quantize="int8", per_channel=args.per_channel,
                                         overwrite=True, sample_tokens=512)
@@ -148,21 +154,34 @@ def export_all(models, work, args):
     return files, reports
 
 
+def _version(package):
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def load_ort(name, path, threads):
     import onnxruntime as ort
-    from optimum.onnxruntime import ORTModelForCausalLM
 
+    from armada.export import onnx_backend
     from armada.onnxruntime import (
         ORTAgencyGPT2ForCausalLM,
         ORTThoughtDiffusionForMaskedLM,
         ORTUnifiedARMTForCausalLM,
     )
 
+    peer = ORTAgencyGPT2ForCausalLM
+    if onnx_backend() == "optimum":  # optimum's class runs optimum's export of the peer
+        from optimum.onnxruntime import ORTModelForCausalLM as peer
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    cls = {"gpt2": ORTModelForCausalLM, "agency": ORTAgencyGPT2ForCausalLM, "agency50": ORTAgencyGPT2ForCausalLM,
+    cls = {"gpt2": peer, "agency": ORTAgencyGPT2ForCausalLM, "agency50": ORTAgencyGPT2ForCausalLM,
            "armt": ORTUnifiedARMTForCausalLM, "diffusion": ORTThoughtDiffusionForMaskedLM}[name]
     return cls.from_pretrained(os.path.dirname(path), file_name=os.path.basename(path), session_options=options)
 
@@ -185,11 +204,10 @@ def main(argv=None):
 def measure(args, models, work, started, load_before):
     """Export, check greedy outputs, time the interleaved rounds, write the report; returns the exit status."""
     import onnxruntime
-    import optimum.version
     import transformers
 
     import armada  # noqa: F401
-    from armada.export import cpu_instruction_set
+    from armada.export import cpu_instruction_set, onnx_backend
     from armada.io_utils import atomic_savefig, atomic_write_text
     from armada.onnxruntime import torch_threads
 
@@ -283,7 +301,7 @@ def measure(args, models, work, started, load_before):
                 p_value = sum(math.comb(len(ratios), k) for k in range(lost_rounds, len(ratios) + 1)) / 2 ** len(ratios)
                 value = statistics.median(ratios)
                 int8.setdefault("vs_gpt2_int8", {})[m] = {"ratio": value, "per_round": ratios, "sign_test_p": p_value}
-                targets.append({"target": f"{name} int8 {m} not slower than optimum's GPT-2 int8", "value": value,
+                targets.append({"target": f"{name} int8 {m} not slower than stock GPT-2 int8", "value": value,
                                 "rounds_slower": lost_rounds, "sign_test_p": p_value,
                                 "pass": value >= 1.0 or p_value >= SIGNIFICANCE})
 
@@ -294,7 +312,8 @@ def measure(args, models, work, started, load_before):
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu,
             "cpu_count": os.cpu_count(), "threads": args.threads, "instruction_set": cpu_instruction_set(),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "onnxruntime": onnxruntime.__version__, "optimum": optimum.version.__version__,
+            "onnxruntime": onnxruntime.__version__, "onnx_backend": onnx_backend(),
+            "optimum": _version("optimum"),
             "load_average_before": load_before, "load_average_after": os.getloadavg(),
             "seconds_lost_to_other_processes": clock.lost,
             "contended_samples": sum(e[m]["contended_samples"] for f in results.values() for e in f.values()
@@ -328,7 +347,7 @@ def measure(args, models, work, started, load_before):
 
 
 LABELS = {"agency": "AgencyGPT2 124M", "agency50": "AgencyGPT2 124M, 50% heads pruned",
-          "gpt2": "GPT2LMHeadModel 124M (optimum)", "armt": "UnifiedARMT (256x4, segment 512)",
+          "gpt2": "GPT2LMHeadModel 124M", "armt": "UnifiedARMT (256x4, segment 512)",
           "diffusion": "ThoughtDiffusion (128x4, block 16, 16 steps)"}
 
 

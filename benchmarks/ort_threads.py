@@ -2,7 +2,8 @@
 
 One run exports a random-init AgencyGPT2 on the GPT-2 124M shape to int8 ONNX (`armada.export.export_onnx`; or
 uses `--model DIR`, an export folder with `model_quantized.onnx`) and times greedy `generate` (batch 1, 32-token
-prompt, 64 new tokens) with optimum's `ORTModelForCausalLM` in interleaved rounds under:
+prompt, 64 new tokens) with `armada.onnxruntime.ORTAgencyGPT2ForCausalLM` (transformers' `GenerationMixin.generate`
+of it, without the thread setting its own `generate` adds) in interleaved rounds under:
   torch2_spin     torch's default 2 threads, ONNX Runtime's intra-op threads spinning between runs (the defaults)
   torch1_spin     `armada.onnxruntime.torch_threads(1)` around generate (what armada's ORT classes do)
   torch2_nospin   session option session.intra_op.allow_spinning=0
@@ -57,20 +58,22 @@ def export(work, quick, seed):
 
 def load(folder, spin, threads):
     import onnxruntime as ort
-    from optimum.onnxruntime import ORTModelForCausalLM
 
-    import armada  # noqa: F401  (registers agency_gpt2 for the config)
+    from armada.onnxruntime import ORTAgencyGPT2ForCausalLM
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not spin:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ORTModelForCausalLM.from_pretrained(folder, file_name="model_quantized.onnx", session_options=options)
+    return ORTAgencyGPT2ForCausalLM.from_pretrained(folder, file_name="model_quantized.onnx",
+                                                    session_options=options)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    from transformers import GenerationMixin
+
     from armada.onnxruntime import torch_threads
 
     started, work = time.perf_counter(), None
@@ -87,8 +90,8 @@ def main(argv=None):
 
     def generate(variant):
         threads, spin = VARIANTS[variant]
-        with torch_threads(args.threads if threads == 2 else 1):
-            return sessions[spin].generate(prompt, **kwargs)
+        with torch_threads(args.threads if threads == 2 else 1):  # the class's generate would pin 1 thread
+            return GenerationMixin.generate(sessions[spin], prompt, **kwargs)
 
     outputs = {name: generate(name) for name in VARIANTS}
     same = all(torch.equal(out, outputs["torch2_spin"]) for out in outputs.values())

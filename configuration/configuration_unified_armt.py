@@ -65,6 +65,8 @@ class UnifiedARMTConfig(PretrainedConfig):
         memory_eps (`float`, *optional*, defaults to 1e-5): Added to the associative read's normalizer.
         initializer_range (`float`, *optional*, defaults to 0.02): Std of the normal weight initialization.
         tie_word_embeddings (`bool`, *optional*, defaults to `True`): Tie the LM head to the input embeddings.
+        bos_token_id, eos_token_id (`int`, *optional*, default 50256, GPT-2's), pad_token_id (`int`, *optional*):
+            The special tokens, as in `PretrainedConfig`.
     """
 
     model_type = "unified_armt"
@@ -97,6 +99,7 @@ class UnifiedARMTConfig(PretrainedConfig):
         use_cache=True,
         bos_token_id=50256,
         eos_token_id=50256,
+        pad_token_id=None,
         tie_word_embeddings=True,
         **kwargs,
     ):
@@ -161,7 +164,7 @@ class UnifiedARMTConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         _warn_unknown_keys(self, kwargs)
-        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property

@@ -7,12 +7,18 @@ or both. Runs as a script or under accelerate:
         examples/train_agency.py --output_dir runs/ddp --max_steps 50 --use_cpu
     python examples/train_agency.py --output_dir runs/agency --max_steps 200 --save_steps 50 \
         --resume_from_checkpoint last
+    accelerate launch --config_file examples/accelerate/fsdp_full_shard.yaml examples/train_agency.py \
+        --output_dir runs/fsdp --max_steps 200
 
-The accelerate command starts two processes on the CPU: `--multi_gpu` launches them through torchrun and
+The first accelerate command starts two processes on the CPU: `--multi_gpu` launches them through torchrun and
 `--use_cpu` makes `Trainer` train with DDP over gloo (accelerate's own `--cpu` flag starts a single process unless
 MPI is set up). `--resume_from_checkpoint` takes a `checkpoint-N` folder, or `True`/`last` for the newest checkpoint
 in --output_dir. With a curriculum, training ends when the last stage's budget is spent (stages x
 --steps_per_stage); a --max_steps that differs is reported at the start.
+The last command shards the model over 2 GPUs with FSDP (full shard; `save_model` gathers a full checkpoint;
+pruning changes weight shapes, so no --curriculum_levels); on CPU accelerate trains with DDP instead
+(tests/test_fsdp.py runs it on CPU through tests/fsdp_cpu_shim.py). examples/accelerate/deepspeed_zero2.yaml is
+the DeepSpeed ZeRO-2 counterpart (not run here).
 
 Without --model_name_or_path a GPT-2 of the given size is built from scratch (GPT-2 tokenizer, from local files).
 Training text defaults to ../shared/data/tinyshakespeare/input.txt; any text file, folder or `datasets` Hub id works.
@@ -189,8 +195,7 @@ def main(argv=None):
     if levels is not None and agency_args.finalize:
         metrics["pruned_heads"] = {str(k): v for k, v in finalize_pruning(model).items()}
     metrics["heads_per_layer"] = model.num_heads_per_layer()
-    if trainer.is_world_process_zero():
-        trainer.save_model(os.path.join(training_args.output_dir, "final"))
+    trainer.save_model(os.path.join(training_args.output_dir, "final"))  # rank 0 writes; under FSDP all gather
     rank = training_args.process_index
     summary = {"rank": rank, "world_size": training_args.world_size, "weights_sha256": weights_digest(model),
                "metrics": metrics, "global_step": trainer.state.global_step, "notes": notes}

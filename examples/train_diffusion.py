@@ -6,6 +6,12 @@ accelerate:
         --curriculum '[{"max_steps": 100, "max_train_time": 0.5, "thought_loss_weight": 0}, {"max_train_time": 1.0}]'
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
         examples/train_diffusion.py --use_cpu --output_dir runs/ddp --max_steps 200
+    accelerate launch --config_file examples/accelerate/fsdp_full_shard.yaml examples/train_diffusion.py \
+        --output_dir runs/fsdp --max_steps 200
+
+The last command shards the model over 2 GPUs with FSDP (full shard, full checkpoint saved; on CPU accelerate
+trains with DDP instead, tests/test_fsdp.py runs it on CPU through tests/fsdp_cpu_shim.py);
+examples/accelerate/deepspeed_zero2.yaml is the DeepSpeed ZeRO-2 counterpart (not run here).
 
 Every log record holds the loss parts (`diffusion_loss`, `elbo`, thought terms, `mask_rate`), `thought_norm` and
 `peak_memory_mib`; every rank writes `summary_rank<r>.json` (its weights' sha256: equal on all ranks under DDP);
@@ -72,6 +78,9 @@ class DiffusionArguments:
                 "min_train_time, max_train_time, thought_loss_weight, label_smoothing, thought_train_prob"})
     sample_tokens: int = field(default=32, metadata={"help": "tokens of the sample printed at the end (0: none)"})
     sample_steps: int = field(default=16)
+    train_time: Optional[float] = field(default=None, metadata={
+        "help": "train every row at this t instead of sampling it; 1.0 masks every token, a deterministic objective "
+                "(tests/test_fsdp.py compares 2 processes with one)"})
 
 
 def diffusion_tokenizer(max_length):
@@ -132,6 +141,8 @@ def main(argv=None):
         train = train.select(range(min(data_args.max_train_blocks, len(train))))
     if data_args.max_eval_blocks:
         evaluation = evaluation.select(range(min(data_args.max_eval_blocks, len(evaluation))))
+    if diffusion_args.train_time is not None:
+        train = train.add_column("timesteps", [float(diffusion_args.train_time)] * len(train))
 
     kwargs = dict(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                   processing_class=tokenizer)
@@ -144,15 +155,21 @@ def main(argv=None):
                "weights_sha256": weights_digest(model)}
     if stages:
         summary["curriculum"] = trainer.curriculum_history
+    trainer.save_model(os.path.join(training_args.output_dir, "final"))  # rank 0 writes; under FSDP all gather
+    # under FSDP every forward gathers shards, so every rank samples (same seed, same tokens); else rank 0 only
+    if diffusion_args.sample_tokens and (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
+        if trainer.is_fsdp_enabled and hasattr(model, "unshard"):  # FSDP2: gather the root's shards around sampling
+            from torch.distributed.fsdp import register_fsdp_forward_method
+
+            register_fsdp_forward_method(model, "generate_with_stack")
+        model.eval()
+        torch.manual_seed(training_args.seed)
+        prompt = tokenizer("ROMEO:", return_tensors="pt").input_ids.to(model.device)
+        out = model.generate_with_stack(prompt, max_new_tokens=diffusion_args.sample_tokens,
+                                        num_steps=diffusion_args.sample_steps, temperature=0.8, top_k=50)
+        summary["sample"] = tokenizer.decode(out.sequences[0])
     if trainer.is_world_process_zero():
-        trainer.save_model(os.path.join(training_args.output_dir, "final"))
-        if diffusion_args.sample_tokens:
-            model.eval()
-            torch.manual_seed(training_args.seed)
-            prompt = tokenizer("ROMEO:", return_tensors="pt").input_ids.to(model.device)
-            out = model.generate_with_stack(prompt, max_new_tokens=diffusion_args.sample_tokens,
-                                            num_steps=diffusion_args.sample_steps, temperature=0.8, top_k=50)
-            summary["sample"] = tokenizer.decode(out.sequences[0])
+        if "sample" in summary:
             print(summary["sample"])
         atomic_write_text(os.path.join(training_args.output_dir, "summary.json"),
                           json.dumps(summary, indent=2, default=str))

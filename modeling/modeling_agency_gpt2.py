@@ -628,7 +628,7 @@ class AgencyGPT2Model(AgencyGPT2PreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = output_hidden_states if output_hidden_states is not None else cfg.output_hidden_states
         use_cache = use_cache if use_cache is not None else cfg.use_cache
-        return_dict = return_dict if return_dict is not None else cfg.use_return_dict
+        return_dict = return_dict if return_dict is not None else cfg.return_dict
         if self.gradient_checkpointing and self.training and use_cache:
             use_cache = False
 
@@ -784,7 +784,7 @@ class AgencyGPT2ForCausalLM(AgencyGPT2PreTrainedModel, GenerationMixin):
         cache: Optional[Cache] = None,
         **kwargs,
     ) -> Union[tuple, CausalLMOutputWithPast]:
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.transformer(
             input_ids=input_ids,
             past_key_values=cache if cache is not None else past_key_values,

@@ -622,7 +622,7 @@ class ThoughtDiffusionModel(ThoughtDiffusionPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else cfg.output_hidden_states)
-        return_dict = return_dict if return_dict is not None else cfg.use_return_dict
+        return_dict = return_dict if return_dict is not None else cfg.return_dict
         self._check_ids(input_ids)
         batch, length = input_ids.shape
         dtype = self.wte.weight.dtype
@@ -815,7 +815,7 @@ class ThoughtDiffusionForMaskedLM(ThoughtDiffusionPreTrainedModel):
             evaluation (`model.eval()`) it defaults to a generator seeded with 0, so the same batch always gives the
             same loss (`Trainer.evaluate` is reproducible); in training, torch's global random state.
         """
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         if labels is not None:
             out = self._diffusion_loss(input_ids, attention_mask, position_ids, timesteps, thought_stack, labels,
                                        output_attentions, output_hidden_states, generator)

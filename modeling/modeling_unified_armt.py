@@ -230,7 +230,8 @@ class UnifiedARMTMLP(nn.Module):
 
 
 class UnifiedARMTBlock(GradientCheckpointingLayer):
-    """Associative read -> pre-LN causal self-attention -> pre-LN MLP. The write happens in the model, on commit."""
+    """Associative read -> pre-LN causal self-attention -> pre-LN MLP; on commit (memory tokens) the associative
+    write."""
 
     def __init__(self, config):
         super().__init__()
@@ -245,7 +246,9 @@ class UnifiedARMTBlock(GradientCheckpointingLayer):
         """hidden_states (B, T, D). Real tokens (`write_index` given) are written into the open segment's cache
         (B, nh, S, hs) and attend to it; memory tokens (`write_index` None) attend to the cache and to each other.
         `rotary`: (cos, sin) of the positions of hidden_states with rotary positions (keys are cached rotated).
-        Returns (hidden, keys, values, attention weights)."""
+        Returns (hidden, keys, values, attention weights); for memory tokens (the commit) the layer's memory (A, z)
+        after their write takes the place of keys and values (the write runs here, inside the block's forward, where
+        a sharded model has its parameters gathered)."""
         hidden_states = hidden_states + self.associative_memory.read(hidden_states, A, z)
         q, k, v = self.attn.qkv(self.ln_1(hidden_states))
         if rotary is not None:
@@ -259,6 +262,8 @@ class UnifiedARMTBlock(GradientCheckpointingLayer):
         attn_out, weights = self.attn.attend(q, keys, values, attention_mask, output_attentions)
         hidden_states = hidden_states + attn_out
         hidden_states = hidden_states + self.mlp(self.ln_2(hidden_states))
+        if write_index is None:
+            return (hidden_states, *self.associative_memory.write(hidden_states, A, z), weights)
         return hidden_states, k, v, weights
 
 
@@ -471,9 +476,8 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
         memory, weights = [], []
         for layer, block in enumerate(self.h):
             A, z = state.memory[layer]
-            hidden, _, _, w = block(hidden, A, z, state.keys[layer], state.values[layer], None, None, mask,
-                                    rotary=rotary, output_attentions=output_attentions)
-            new_A, new_z = block.associative_memory.write(hidden, A, z)
+            hidden, new_A, new_z, w = block(hidden, A, z, state.keys[layer], state.values[layer], None, None, mask,
+                                            rotary=rotary, output_attentions=output_attentions)
             keep = rows.view(-1, 1, 1, 1)
             memory.append((torch.where(keep, new_A, A), torch.where(keep.view(-1, 1, 1), new_z, z)))
             weights.append(w)
@@ -498,7 +502,7 @@ class UnifiedARMTModel(UnifiedARMTPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else cfg.output_attentions
         output_hidden_states = (output_hidden_states if output_hidden_states is not None
                                 else cfg.output_hidden_states)
-        return_dict = return_dict if return_dict is not None else cfg.use_return_dict
+        return_dict = return_dict if return_dict is not None else cfg.return_dict
         self._check_inputs(input_ids, inputs_embeds)
 
         _check_inputs(input_ids, inputs_embeds, attention_mask)
@@ -680,7 +684,7 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
             positions only (the same loss as without `logits_to_keep` when every labeled token follows a
             kept position); a `shift_labels` keyword (targets already aligned with the kept logits) overrides.
         """
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         out = self.transformer(input_ids, attention_mask=attention_mask, memory_state=memory_state,
                                inputs_embeds=inputs_embeds, use_cache=use_cache, output_attentions=output_attentions,
                                output_hidden_states=output_hidden_states, return_dict=True)

@@ -1,6 +1,6 @@
 """examples/demo.py --quick (what `make demo` runs, with small budgets) end to end: every model it saves reloads,
-carries a model card built from its measured results, and has an int8 ONNX export beside it (where the onnx extra
-installs: transformers 4.57; elsewhere the summary says why the exports were skipped)."""
+carries a model card built from its measured results, and has an int8 ONNX export beside it (without the onnx
+extra the summary says why the exports were skipped)."""
 
 import json
 import os

@@ -1,6 +1,8 @@
 """ONNX export (armada.export), ONNX Runtime inference (armada.onnxruntime) and `armada export onnx`.
 
-Tiny models; every export goes through optimum-onnx and the parity checks of `export_onnx`.
+Tiny models; every export goes through the parity checks of `export_onnx`, on the backend `onnx_backend()` picks
+(optimum where optimum-onnx installs, torch.onnx elsewhere); where both exist, `test_torch_backend_*` exports every
+architecture through the torch backend too.
 """
 
 import json
@@ -24,13 +26,10 @@ from armada import (
     UnifiedARMTForCausalLM,
 )
 
-pytest.importorskip("optimum.onnxruntime")
-
-from optimum.exporters.tasks import TasksManager  # noqa: E402
-from optimum.onnxruntime import ORTModelForCausalLM  # noqa: E402
+pytest.importorskip("onnxruntime")
 
 from armada.cli import main  # noqa: E402
-from armada.export import ExportParityError, cpu_instruction_set, export_onnx, onnx_export  # noqa: E402
+from armada.export import ExportParityError, cpu_instruction_set, export_onnx, onnx_backend, onnx_export  # noqa: E402
 from armada.onnxruntime import (  # noqa: E402
     ORTAgencyGPT2ForCausalLM,
     ORTThoughtDiffusionForMaskedLM,
@@ -38,6 +37,8 @@ from armada.onnxruntime import (  # noqa: E402
 )
 
 VOCAB = 97
+BACKEND = onnx_backend()
+needs_optimum = pytest.mark.skipif(BACKEND != "optimum", reason="optimum-onnx is not installed (transformers 5)")
 
 
 def agency(prune=None, seed=0):
@@ -112,6 +113,7 @@ def diffusion_export(tmp_path_factory):
 def test_agency_export_fp32_and_int8_with_parity(agency_export):
     model, out, report = agency_export
     assert {"config.json", "export_report.json", "model.onnx", "model_quantized.onnx"} <= set(os.listdir(out))
+    assert report["backend"] == BACKEND
     assert report["fp32"]["pass"] and report["fp32"]["max_abs_logit_diff"] <= 1e-4
     assert report["int8"]["instruction_set"] == cpu_instruction_set()
     assert 0 <= report["int8"]["top1_agreement"] <= 1 and report["int8"]["perplexity_int8"] > 0
@@ -120,21 +122,34 @@ def test_agency_export_fp32_and_int8_with_parity(agency_export):
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".onnx-")]
 
 
-def test_agency_ort_model_for_causal_lm_generates_like_pytorch(agency_export):
+def test_agency_ort_generates_like_pytorch(agency_export):
     model, out, _ = agency_export
-    ort_model = ORTModelForCausalLM.from_pretrained(out, file_name="model.onnx")  # optimum's class as is
+    ort_model = ORTAgencyGPT2ForCausalLM.from_pretrained(out, file_name="model.onnx")
     assert ort_model.can_use_cache and "position_ids" in ort_model.input_names
     ids = prompt()
     expected = greedy(model, ids)
     assert len(set(expected[0, ids.shape[1]:].tolist())) > 3  # not a degenerate repetition
     assert torch.equal(greedy(ort_model, ids), expected)
-    int8 = ORTModelForCausalLM.from_pretrained(out, file_name="model_quantized.onnx")
+    int8 = ORTAgencyGPT2ForCausalLM.from_pretrained(out, file_name="model_quantized.onnx")
     assert greedy(int8, ids).shape == expected.shape
+    beams = dict(max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        assert torch.equal(ort_model.generate(ids, **beams), model.generate(ids, **beams))
+
+
+@needs_optimum
+def test_agency_optimum_ort_model_for_causal_lm_generates_like_pytorch(agency_export):
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model, out, _ = agency_export
+    ort_model = ORTModelForCausalLM.from_pretrained(out, file_name="model.onnx")  # optimum's class as is
+    ids = prompt()
+    assert torch.equal(greedy(ort_model, ids), greedy(model, ids))
 
 
 def test_agency_left_padded_batch_matches_pytorch(agency_export):
     model, out, _ = agency_export
-    ort_model = ORTModelForCausalLM.from_pretrained(out, file_name="model.onnx")
+    ort_model = ORTAgencyGPT2ForCausalLM.from_pretrained(out, file_name="model.onnx")
     ids = prompt(length=9, batch=2)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
@@ -154,8 +169,10 @@ def test_pruned_agency_exports_and_generates_like_pytorch(tmp_path, prune):
     assert torch.equal(greedy(ort_model, ids), greedy(model, ids))
 
 
+@needs_optimum
 def test_agency_registered_with_optimum_tasks_manager(tmp_path):
     from optimum.exporters.onnx import main_export
+    from optimum.exporters.tasks import TasksManager
 
     tasks = TasksManager.get_supported_tasks_for_model_type("agency_gpt2", "onnx", library_name="transformers")
     assert "text-generation-with-past" in tasks
@@ -268,6 +285,44 @@ def test_diffusion_variants_export(tmp_path, overrides):
     kwargs = dict(max_new_tokens=16, num_steps=8, top_k=1)
     assert torch.equal(ort_model.generate_with_stack(ids, **kwargs).sequences,
                        model.generate_with_stack(ids, **kwargs).sequences)
+
+
+# ----------------------------------------------------------------------------------------------------- torch backend
+def graph_signature(graph):
+    """(name, element type, shape with dynamic axes by name) of every input and output of an ONNX graph."""
+    def describe(value):
+        return value.name, value.type.tensor_type.elem_type, [d.dim_param or d.dim_value
+                                                             for d in value.type.tensor_type.shape.dim]
+    return [describe(v) for v in graph.input], [describe(v) for v in graph.output]
+
+
+@pytest.mark.skipif(BACKEND == "torch", reason="every other test here already exports through the torch backend")
+@pytest.mark.parametrize("build", [lambda: agency({0: [0, 1], 2: [3]}), armt, diffusion],
+                         ids=["agency-pruned", "armt", "diffusion"])
+def test_torch_backend_exports_the_same_graphs(monkeypatch, tmp_path, build):
+    """Where optimum-onnx is installed, the torch.onnx backend (the one of transformers 5) writes graphs with the same
+    inputs and outputs, passes the same parity checks and serves the same ORT classes."""
+    import onnx
+
+    model = build()
+    reference = export_onnx(model, tmp_path / "optimum", quantize="int8")
+    monkeypatch.setattr(onnx_export, "onnx_backend", lambda: "torch")
+    report = export_onnx(model, tmp_path / "torch", quantize="int8")
+    assert reference["backend"] == "optimum" and report["backend"] == "torch" and report["fp32"]["pass"]
+    settings = ("instruction_set", "per_channel", "weights_dtype", "activations_dtype", "weights_symmetric",
+                "reduce_range", "operators_to_quantize")
+    assert {k: report["int8"][k] for k in settings} == {k: reference["int8"][k] for k in settings}
+    for name in ("model.onnx", "model_quantized.onnx"):
+        optimum_graph, torch_graph = (onnx.load(tmp_path / backend / name).graph for backend in ("optimum", "torch"))
+        assert graph_signature(torch_graph) == graph_signature(optimum_graph)
+    ids = prompt(length=6)
+    if model.config.model_type == "thought_diffusion":
+        kwargs = dict(max_new_tokens=16, num_steps=8, top_k=1)
+        got = ORTThoughtDiffusionForMaskedLM.from_pretrained(tmp_path / "torch").generate_with_stack(ids, **kwargs)
+        assert torch.equal(got.sequences, model.generate_with_stack(ids, **kwargs).sequences)
+    else:
+        cls = ORTAgencyGPT2ForCausalLM if model.config.model_type == "agency_gpt2" else ORTUnifiedARMTForCausalLM
+        assert torch.equal(greedy(cls.from_pretrained(tmp_path / "torch"), ids, new=12), greedy(model, ids, new=12))
 
 
 # ----------------------------------------------------------------------------------------------------- int8 check
@@ -441,3 +496,17 @@ def test_ort_generation_runs_torch_single_threaded_and_restores(agency_export, a
     with pytest.raises(RuntimeError), torch_threads(1):
         raise RuntimeError("boom")
     assert torch.get_num_threads() == before
+
+
+def test_onnx_export_refused_only_without_onnx_or_onnxruntime(monkeypatch):
+    import importlib.util
+
+    from armada import compat
+
+    assert compat.onnx_export_missing() == ""  # optimum is not needed
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "onnxruntime" else find_spec(name, *args))
+    assert "onnxruntime not installed" in compat.onnx_export_missing()
+    with pytest.raises(ImportError, match=r'pip install "armada\[onnx\]"'):
+        compat.require_onnx_export()

@@ -2,7 +2,8 @@
 
 A graph is a step function of the model on plain tensors with its input and output names, dynamic axes and dummy
 inputs. `onnx_configs.py` wraps these in optimum `OnnxConfig`s (the optimum backend); `onnx_export.py` hands them to
-`torch.onnx.export` directly (the torch backend). Both trace with TorchScript, so the graphs are the same.
+`torch.onnx.export` directly (the torch backend). Both trace with TorchScript: the same inputs, outputs and
+operations.
 
 - `AgencyGPT2Graph`: a GPT-2-style decoder with past key/values: `input_ids`, `past_key_values.{i}.key/value`,
   `attention_mask`, `position_ids` in; `logits` and `present.{i}.key/value` out. Every layer keeps its own head count,
@@ -81,7 +82,9 @@ def _random(shape, generator, scale=1.0):
 # ----------------------------------------------------------------------------------------------------- AgencyGPT2
 def agency_cache_heads(config) -> list:
     """Heads in each cache slot of an AgencyGPT2 config: the kept heads of every layer, then (with baseline fusion)
-    the unpruned baseline's n_head per layer."""
+    the unpruned baseline's n_head per layer. (A stock GPT-2 config, the benchmarks' peer: n_head per layer.)"""
+    if not hasattr(config, "kept_heads"):
+        return [config.n_head] * config.n_layer
     heads = [len(config.kept_heads(layer)) for layer in range(config.n_layer)]
     if config.use_baseline_fusion:
         heads += [config.n_head] * config.n_layer
@@ -134,8 +137,9 @@ class AgencyGPT2Graph(OnnxGraph):
         cache = DynamicCache()
         for slot, (key, value) in enumerate(past_key_values):
             cache.update(key, value, slot)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-                    return_dict=True, **{CACHE_FIELD: cache})
+        forward = type(model).forward  # the model's own forward (while exporting, `model.forward` is this step)
+        out = forward(model, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      use_cache=True, return_dict=True, **{CACHE_FIELD: cache})
         present = out[CACHE_FIELD]
         return (out.logits, *[tensor for layer in present.layers for tensor in (layer.keys, layer.values)])
 

@@ -1,10 +1,11 @@
 """Export armada models to ONNX, quantize them to int8 dynamically, and check parity.
 
-Two backends trace the same graphs (`graphs.py`) with the same TorchScript exporter; `onnx_backend()` picks one:
+Two backends trace the same graphs (`graphs.py`) with the TorchScript exporter; `onnx_backend()` picks one:
   optimum  where optimum-onnx installs (transformers 4.57): optimum's exporter with the armada `OnnxConfig`s, int8
            through `ORTQuantizer`
-  torch    elsewhere (transformers 5): `torch.onnx.export` of the graph's step, int8 through onnxruntime's
-           `quantize_dynamic` with the same settings (`Int8Config`)
+  torch    elsewhere (transformers 5): `torch.onnx.export` of the graph's step (tracing the models' eager
+           attention, the same MatMul/Softmax ops), int8 through onnxruntime's `quantize_dynamic` with the same
+           settings (`Int8Config`)
 
 `export_onnx(model_or_dir, out_dir, quantize=None, opset=None, overwrite=False)` writes, into `out_dir`:
 
@@ -28,9 +29,11 @@ Parity checks (a failure raises `ExportParityError`):
         random-init model is about uniform there and int8 noise flips its arbitrary top-1); `True`/`False` force it.
 """
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -137,7 +140,7 @@ def cpu_instruction_set() -> str:
 
 @dataclass(frozen=True)
 class Int8Config:
-    """Dynamic int8 quantization settings: those of optimum's `AutoQuantizationConfig.<instruction_set>(is_static=False)`
+    """Dynamic int8 settings: those of optimum's `AutoQuantizationConfig.<instruction_set>(is_static=False)`
     (QOperator format, IntegerOps: uint8 activations quantized at run time, symmetric int8 weights — uint8 on avx2 —,
     full range). The optimum backend applies them through `ORTQuantizer`, the torch backend through onnxruntime's
     `quantize_dynamic` with the same arguments."""
@@ -199,8 +202,21 @@ def quantize_int8(directory, config: Int8Config, backend: Optional[str] = None) 
 
     graph = onnx.load(source, load_external_data=False).graph
     has_subgraphs = any(node.op_type in ("If", "Loop", "Scan") for node in graph.node)
-    quantize_dynamic(source, target, **config.quantize_dynamic_kwargs(has_subgraphs))
+    quiet = _QuietOrtQuantization()
+    logging.getLogger().addFilter(quiet)
+    try:
+        quantize_dynamic(source, target, **config.quantize_dynamic_kwargs(has_subgraphs))
+    finally:
+        logging.getLogger().removeFilter(quiet)
     return target
+
+
+class _QuietOrtQuantization(logging.Filter):
+    """Drops the warnings onnxruntime's quantizer logs on the root logger for every export (advice to pre-process,
+    tensors whose type shape inference leaves open: they stay float, as with ORTQuantizer)."""
+
+    def filter(self, record):
+        return record.levelno > logging.WARNING or "onnxruntime" not in record.pathname
 
 
 # ----------------------------------------------------------------------------------------------------- parity
@@ -465,7 +481,7 @@ def export_graph(model, graph, directory, opset=DEFAULT_OPSET, backend=None):
         return
     dummy = graph.dummy_inputs()
     os.makedirs(directory, exist_ok=True)
-    with torch.no_grad(), patched_forward(model, graph), warnings.catch_warnings():
+    with torch.no_grad(), _eager_attention(model), patched_forward(model, graph), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
         torch.onnx.export(model, tuple(dummy.values()), os.path.join(directory, ONNX_FILE), dynamo=False,
                           input_names=list(graph.inputs), output_names=list(graph.outputs),
@@ -474,6 +490,18 @@ def export_graph(model, graph, directory, opset=DEFAULT_OPSET, backend=None):
     model.config.save_pretrained(directory)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
+
+
+@contextlib.contextmanager
+def _eager_attention(model):
+    """Trace the models' own eager attention (the same MatMul/Softmax graph the exporter writes for SDPA):
+    transformers 5's SDPA wrapper reshapes by a query length that TorchScript tracing freezes to the traced one."""
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = saved
 
 
 def _export_one(model, directory, opset, backend):
