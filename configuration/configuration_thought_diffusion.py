@@ -6,6 +6,7 @@ NOISE_SCHEDULES = ("log_linear", "cosine")
 POSITION_EMBEDDING_TYPES = ("rotary", "absolute")
 
 
+# Copied from configuration_agency_gpt2 (a configuration file imports only transformers: it travels as remote code).
 def _refuse_kernel_fields(kwargs):
     """A config field naming an attention implementation can make transformers fetch and run a Hub kernel
     (CVE-2026-4372): this architecture has eager and SDPA attention only, so any other value is refused."""

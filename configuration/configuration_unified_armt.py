@@ -8,6 +8,7 @@ POSITION_EMBEDDING_TYPES = ("absolute", "rotary")
 DPFP_NU = 3  # DPFP feature map order: phi(x) has 2 * nu * d features for an input of d features
 
 
+# Copied from configuration_agency_gpt2 (a configuration file imports only transformers: it travels as remote code).
 def _refuse_kernel_fields(kwargs):
     """A config field naming an attention implementation can make transformers fetch and run a Hub kernel
     (CVE-2026-4372): this architecture has eager and SDPA attention only, so any other value is refused."""
