@@ -41,8 +41,8 @@ from transformers import (  # noqa: E402
 from transformers.modeling_outputs import ModelOutput  # noqa: E402
 
 import armada  # noqa: E402,F401  (registers the configurations with AutoConfig)
-from armada import AgencyGPT2ForCausalLM, ThoughtDiffusionForMaskedLM, UnifiedARMTForCausalLM  # noqa: E402
-from armada.modeling.modeling_agency_gpt2 import CACHE_FIELD  # noqa: E402
+from armada import ThoughtDiffusionForMaskedLM, UnifiedARMTForCausalLM  # noqa: E402
+from armada.modeling.modeling_agency_gpt2 import CACHE_FIELD, _left_align_right_padding  # noqa: E402
 from armada.modeling.modeling_thought_diffusion import (  # noqa: E402
     ThoughtDiffusionBlockCache,
     ThoughtDiffusionMaskedLMOutput,
@@ -243,8 +243,7 @@ class ORTAgencyGPT2ForCausalLM(ORTModel, GenerationMixin):
         `AgencyGPT2ForCausalLM.generate`: right-padded rows are left-aligned first)."""
         if inputs is None and "input_ids" in kwargs:
             inputs = kwargs.pop("input_ids")
-        if kwargs.get("attention_mask") is not None:
-            inputs, kwargs["attention_mask"] = AgencyGPT2ForCausalLM._left_align(inputs, kwargs["attention_mask"])
+        inputs = _left_align_right_padding(inputs, kwargs)
         with torch_threads(1):
             return super().generate(inputs, generation_config=generation_config, **kwargs)
 

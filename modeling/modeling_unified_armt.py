@@ -44,6 +44,30 @@ from ..configuration.configuration_unified_armt import DPFP_NU, UnifiedARMTConfi
 
 
 # ----------------------------------------------------------------------------------------------------- state
+# Copied from modeling_agency_gpt2 (modeling files import only torch, transformers and their own config).
+def _left_align_right_padding(inputs, kwargs):
+    """For `generate`: rotate each right-padded prompt row (its real tokens, then one run of padding) so that its
+    padding comes first, in `inputs` (input_ids), `attention_mask` and `inputs_embeds` alike; decoding appends after
+    the last column, so such a row would otherwise continue from its padding. Unpadded rows and rows padded any other
+    way (on the left, or with holes) are used as given. Returns the new `inputs`; updates `kwargs` in place."""
+    mask, embeds = kwargs.get("attention_mask"), kwargs.get("inputs_embeds")
+    if mask is None or mask.dim() != 2 or any(t is not None and t.shape[:2] != mask.shape for t in (inputs, embeds)):
+        return inputs
+    batch, length = mask.shape
+    real, columns = mask.bool(), torch.arange(length, device=mask.device)
+    count = real.sum(1, keepdim=True)
+    right_padded = (real == (columns < count)).all(1, keepdim=True)
+    order = (columns - torch.where(right_padded, length - count, 0)) % length  # (B, T): one rotation per row
+
+    def rotate(t):
+        return t.gather(1, order.view(batch, length, *[1] * (t.dim() - 2)).expand_as(t))
+
+    kwargs["attention_mask"] = rotate(mask)
+    if embeds is not None:
+        kwargs["inputs_embeds"] = rotate(embeds)
+    return None if inputs is None else rotate(inputs)
+
+
 class UnifiedARMTMemoryState:
     """Everything a UnifiedARMT model carries between calls, per layer l and batch row b:
 
@@ -733,27 +757,19 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
             model_kwargs["cache_position"] = model_kwargs["cache_position"][-1:] + num_new_tokens
         return model_kwargs
 
-    @staticmethod
-    def _left_align(input_ids, attention_mask):
-        """Move each row's padding (attention_mask == 0) to its left end, keeping the real tokens in order: decoding
-        appends after the last column, so a right-padded row would otherwise continue from its padding."""
-        if input_ids is None or attention_mask is None or input_ids.shape != attention_mask.shape:
-            return input_ids, attention_mask
-        order = torch.sort(attention_mask.to(torch.int8), dim=1, stable=True).indices  # padding first
-        return input_ids.gather(1, order), attention_mask.gather(1, order)
-
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate` for prompts padded on either side. Right-padded rows (the package's
         `gpt2_tokenizer()` pads on the right) are left-aligned first, so every row continues from its own last real
-        token and gets the tokens it gets alone; the returned sequences are therefore left-padded."""
+        token and gets the tokens it gets alone; their returned rows are therefore left-padded. Other rows (unpadded,
+        left-padded, padding elsewhere) are used as given, so the returned prompts, `inputs_embeds` and the cache
+        agree with the caller's `attention_mask`."""
         num_beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
         if num_beams and num_beams > 1:  # transformers' beam search reorders only `past_key_values`
             raise NotImplementedError(f"UnifiedARMT supports greedy decoding and sampling (num_beams=1), got "
                                       f"num_beams={num_beams}")
         if inputs is None and "input_ids" in kwargs:
             inputs = kwargs.pop("input_ids")
-        if kwargs.get("attention_mask") is not None:
-            inputs, kwargs["attention_mask"] = self._left_align(inputs, kwargs["attention_mask"])
+        inputs = _left_align_right_padding(inputs, kwargs)
         return super().generate(inputs, generation_config=generation_config, **kwargs)
 
 

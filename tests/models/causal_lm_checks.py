@@ -47,6 +47,35 @@ def check_tokenizer_padded_generation_equals_single(model, tokenizer, prompts, m
             assert torch.equal(generated[row, -max_new_tokens - n:-max_new_tokens], alone[0, :n])
 
 
+def check_generation_contract(model, input_ids, cache_field=None, pad_id=0, new=3):
+    """transformers' generation contract with padding (its own generation tests hold models to it):
+    - `inputs_embeds` with a right-padded mask give the new tokens `input_ids` give (both are aligned alike);
+    - a mask with padding inside a row is used as given: the returned prompt is the caller's, and continuing from the
+      returned sequences with the caller's mask extended (and, `cache_field` given, the returned cache) equals one
+      longer generation."""
+    model.eval()
+    settings = dict(do_sample=False, pad_token_id=pad_id)
+    right = torch.ones_like(input_ids)
+    right[1, -2:] = 0
+    with torch.no_grad():
+        from_ids = model.generate(input_ids, attention_mask=right, max_new_tokens=new, **settings)[:, -new:]
+        embeds = model.get_input_embeddings()(input_ids)
+        from_embeds = model.generate(inputs_embeds=embeds, attention_mask=right, max_new_tokens=new, **settings)
+        assert torch.equal(from_embeds[:, -new:], from_ids), "inputs_embeds and input_ids generate differently"
+
+        holed = torch.ones_like(input_ids)
+        holed[0, 1] = 0
+        full = model.generate(input_ids, attention_mask=holed, max_new_tokens=2 * new, **settings)
+        out = model.generate(input_ids, attention_mask=holed, max_new_tokens=new, return_dict_in_generate=True,
+                             **settings)
+        assert torch.equal(out.sequences[:, :input_ids.shape[1]], input_ids), "the returned prompt was reordered"
+        extended = torch.cat([holed, holed.new_ones(len(holed), new)], dim=1)
+        caches = [{}] + ([{cache_field: out.get(cache_field)}] if cache_field else [])
+        for cache in caches:
+            more = model.generate(out.sequences, attention_mask=extended, max_new_tokens=new, **cache, **settings)
+            assert torch.equal(more, full), f"continuing generation{' from the cache' if cache else ''} diverges"
+
+
 def check_cache_matches_no_cache(model, input_ids, atol=1e-4, cache_name="past_key_values", prefix=None):
     """Incremental decoding with the cache (`cache_name`: the forward argument and output field that carry it)
     equals full recomputation, token by token and in generate()."""

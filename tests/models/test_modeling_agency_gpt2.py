@@ -5,6 +5,7 @@ import torch
 from causal_lm_checks import (
     check_batched_equals_single_with_padding,
     check_cache_matches_no_cache,
+    check_generation_contract,
     check_tokenizer_padded_generation_equals_single,
 )
 from common_checks import (
@@ -474,3 +475,9 @@ def test_forward_exports_without_data_dependent_branches(tester):
     model = tester.agency()
     model.prune_heads({0: [1], 2: [0, 1, 2, 3]})
     check_export(model, tester.input_ids())
+
+
+def test_generation_contract(tester):
+    from armada.modeling.modeling_agency_gpt2 import CACHE_FIELD
+
+    check_generation_contract(tester.agency(), tester.input_ids(), cache_field=CACHE_FIELD)

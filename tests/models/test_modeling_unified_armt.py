@@ -6,6 +6,7 @@ import torch
 from causal_lm_checks import (
     check_batched_equals_single_with_padding,
     check_cache_matches_no_cache,
+    check_generation_contract,
     check_tokenizer_padded_generation_equals_single,
 )
 from common_checks import (
@@ -384,3 +385,8 @@ def test_attention_analysis_helpers(tester, tmp_path):
     assert plot_memory_attention(maps, str(tmp_path / "memory.png")) and (tmp_path / "memory.png").stat().st_size
     with pytest.raises(ValueError, match="fills no segment"):
         attention_maps(model, ids[:, :5])
+
+
+def test_generation_contract(tester):
+    """UnifiedARMT's state (`memory_state`) is not a transformers cache: continuing generation recomputes."""
+    check_generation_contract(tester.model(), tester.input_ids(length=12))
