@@ -37,7 +37,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from ..configuration.configuration_unified_armt import DPFP_NU, UnifiedARMTConfig
@@ -66,6 +66,11 @@ def _left_align_right_padding(inputs, kwargs):
     if embeds is not None:
         kwargs["inputs_embeds"] = rotate(embeds)
     return None if inputs is None else rotate(inputs)
+
+
+# The model_kwargs key under which generate keeps (and beam search reorders) a cache: `past_key_values` in
+# transformers 4.57, `cache` in 5.x. Generation keeps the memory state there, so beams carry their own memory.
+GENERATION_CACHE_KEY = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class UnifiedARMTMemoryState:
@@ -733,8 +738,11 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ generation
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, memory_state=None, inputs_embeds=None,
                                       use_cache=True, logits_to_keep=None, **kwargs):
-        # Overwritten: the state is `memory_state`, not a `Cache`. After the prompt only the new token is fed; it is
-        # always a real token, so no mask is needed (earlier padding was dropped when the prompt was packed).
+        # Overwritten: the state is `memory_state`, not a `Cache`; after the first step generate keeps it under its
+        # cache key (so beam search reorders it). After the prompt only the new token is fed; it is always a real
+        # token, so no mask is needed (earlier padding was dropped when the prompt was packed).
+        cached = kwargs.get(GENERATION_CACHE_KEY)
+        memory_state = cached if isinstance(cached, UnifiedARMTMemoryState) else memory_state
         if memory_state is not None:
             model_inputs = {"input_ids": input_ids[:, -1:].contiguous(), "attention_mask": None}
         elif inputs_embeds is not None:
@@ -743,19 +751,25 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
             model_inputs = {"input_ids": input_ids.contiguous(), "attention_mask": attention_mask}
         model_inputs.update(memory_state=memory_state, use_cache=use_cache, logits_to_keep=logits_to_keep or 1)
         for key, value in kwargs.items():
-            if key not in model_inputs and key not in ("cache_position", "position_ids", "past_key_values"):
+            if key not in model_inputs and key not in ("cache_position", "position_ids", "past_key_values", "cache"):
                 model_inputs[key] = value
         return model_inputs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False,
                                             num_new_tokens=1):
-        model_kwargs["memory_state"] = outputs.get("memory_state", None)
+        model_kwargs[GENERATION_CACHE_KEY] = outputs.get("memory_state", None)
         if model_kwargs.get("attention_mask") is not None:
             mask = model_kwargs["attention_mask"]
             model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], num_new_tokens))], dim=-1)
         if model_kwargs.get("cache_position") is not None:
             model_kwargs["cache_position"] = model_kwargs["cache_position"][-1:] + num_new_tokens
         return model_kwargs
+
+    def _reorder_cache(self, memory_state, beam_idx):
+        """Beam search: every beam continues with the memory (and open segment's cache) of the beam it came from."""
+        if isinstance(memory_state, UnifiedARMTMemoryState):
+            return memory_state.index_select(beam_idx)
+        return memory_state  # generate's own empty cache, before the first step
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """`GenerationMixin.generate` for prompts padded on either side. Right-padded rows (the package's
@@ -764,9 +778,9 @@ class UnifiedARMTForCausalLM(UnifiedARMTPreTrainedModel, GenerationMixin):
         left-padded, padding elsewhere) are used as given, so the returned prompts, `inputs_embeds` and the cache
         agree with the caller's `attention_mask`."""
         num_beams = kwargs.get("num_beams") or getattr(generation_config or self.generation_config, "num_beams", 1)
-        if num_beams and num_beams > 1:  # transformers' beam search reorders only `past_key_values`
-            raise NotImplementedError(f"UnifiedARMT supports greedy decoding and sampling (num_beams=1), got "
-                                      f"num_beams={num_beams}")
+        if num_beams and num_beams > 1 and kwargs.get("memory_state") is not None:
+            raise NotImplementedError("beam search starts from the prompt alone; continuing a stream (memory_state=) "
+                                      "is supported with num_beams=1")
         if inputs is None and "input_ids" in kwargs:
             inputs = kwargs.pop("input_ids")
         inputs = _left_align_right_padding(inputs, kwargs)

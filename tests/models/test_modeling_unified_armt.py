@@ -311,14 +311,28 @@ def test_generate_across_segment_boundaries_equals_recomputation(tester):
     assert torch.equal(generated, expected)
 
 
-def test_sampling_works_and_beam_search_is_refused(tester):
+def test_sampling_works(tester):
     model, ids = tester.model(), tester.input_ids(length=10)
     torch.manual_seed(0)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=5, max_new_tokens=9,
                          pad_token_id=0)
     assert out.shape == (2, 19)
+
+
+def test_beam_search_reorders_the_memory_with_the_beams(tester):
+    """Beam search keeps each beam's memory state (generate's cache reordering hook): one beam is greedy decoding,
+    and several beams across segment boundaries give what beam search over full recomputation gives."""
+    model, ids = tester.model(), tester.input_ids(length=10)
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=9, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        greedy = model.generate(ids, **settings)
+        assert torch.equal(model.generate(ids, num_beams=1, **settings), greedy)
+        beams = model.generate(ids, num_beams=3, num_return_sequences=3, **settings)
+        recomputed = model.generate(ids, num_beams=3, num_return_sequences=3, use_cache=False, **settings)
+    assert beams.shape == (6, 19) and torch.equal(beams, recomputed)
+    assert not torch.equal(beams[::3], beams[1::3])  # the beams differ
     with pytest.raises(NotImplementedError, match="num_beams=1"):
-        model.generate(ids, num_beams=2, max_new_tokens=3)
+        model.generate(ids, num_beams=2, max_new_tokens=3, memory_state=model(ids, use_cache=True).memory_state)
 
 
 # ---------------------------------------------------------------- memory init and helpers
