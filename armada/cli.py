@@ -211,9 +211,10 @@ def cmd_export(args):
 def add_export_parser(sub):
     e = sub.add_parser("export", help="export a checkpoint for inference without PyTorch (ONNX, optionally int8)")
     e.add_argument("format", choices=["onnx"])
-    e.add_argument("model_dir", help="AgencyGPT2 or UnifiedARMT checkpoint directory (save_pretrained)")
+    e.add_argument("model_dir", help="AgencyGPT2, UnifiedARMT or ThoughtDiffusion checkpoint directory "
+                                    "(save_pretrained)")
     e.add_argument("out_dir", help="directory to write model.onnx (and model_quantized.onnx) into")
-    e.add_argument("--quantize", choices=["int8"], help="also write a dynamic int8 model (ORTQuantizer)")
+    e.add_argument("--quantize", choices=["int8"], help="also write a dynamic int8 model (ORTQuantizer's settings)")
     e.add_argument("--opset", type=int, help="ONNX opset (default 18; allowed 14..20)")
     e.add_argument("--instruction-set", choices=["avx512_vnni", "avx512", "avx2", "arm64"],
                    help="int8 target (default: this CPU's)")

@@ -100,3 +100,11 @@ def test_bench_help_exits_zero():
     assert "agency_speed.py" in run.stdout
     run = subprocess.run([sys.executable, "-m", "armada.cli", "bench"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1 and "name a benchmark: pruning, speed" in run.stderr
+
+
+def test_export_help_names_every_architecture(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["export", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in ("AgencyGPT2", "UnifiedARMT", "ThoughtDiffusion"))
