@@ -3,11 +3,14 @@
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from armada.tokenization import gpt2_tokenizer
@@ -56,3 +59,45 @@ def documented_launch():
 
     return run
 
+
+
+BARE_VENV = os.path.join(REPO, ".cache", f"bare-venv-transformers-{transformers.__version__}")  # one per stack
+
+
+def bare_python():
+    """A virtualenv that sees torch and transformers (this venv's site-packages, through a .pth file) but not
+    armada: .pth files inside that folder, such as armada's editable-install finder, are not processed. Made in a
+    temporary folder and renamed into place, so test workers that ask at once do not race."""
+    python = os.path.join(BARE_VENV, "bin", "python")
+    if not os.path.exists(python):
+        os.makedirs(os.path.dirname(BARE_VENV), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".bare-", dir=os.path.dirname(BARE_VENV))
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp], check=True)
+        try:
+            os.rename(tmp, BARE_VENV)
+        except OSError:  # another worker made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    pth = os.path.join(site, "project-site-packages.pth")
+    packages = os.path.dirname(os.path.dirname(transformers.__file__))
+    if not os.path.isfile(pth) or open(pth).read().strip() != packages:  # this venv's, not another's
+        with open(pth + ".tmp", "w") as f:
+            f.write(packages + "\n")
+        os.replace(pth + ".tmp", pth)
+    return python
+
+
+@pytest.fixture(scope="session")
+def installed_armada(tmp_path_factory):
+    """(python, env) that run armada as a user gets it: a wheel built from this checkout and installed (without
+    dependencies, which this venv provides) into a folder outside the checkout, seen through PYTHONPATH by
+    `bare_python()`, which does not see the editable install."""
+    wheels = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), REPO], check=True,
+                   capture_output=True, timeout=600)
+    target = tmp_path_factory.mktemp("site-packages")
+    wheel = next(wheels.glob("armada-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True, timeout=600)
+    return bare_python(), {**os.environ, "PYTHONPATH": str(target)}

@@ -325,6 +325,21 @@ def test_torch_backend_exports_the_same_graphs(monkeypatch, tmp_path, build):
         assert torch.equal(greedy(cls.from_pretrained(tmp_path / "torch"), ids, new=12), greedy(model, ids, new=12))
 
 
+def test_tied_embedding_table_is_stored_once(tmp_path):
+    """The output head shares GPT-2's embedding table: the export holds it once (the head reads a Transpose of it),
+    whichever backend wrote it, so the file is no larger than the PyTorch weights."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = agency()
+    export_onnx(model, tmp_path / "out")
+    table = model.transformer.wte.weight.detach().numpy()
+    copies = [init.name for init in onnx.load(tmp_path / "out" / "model.onnx").graph.initializer
+              if any(np.array_equal(numpy_helper.to_array(init), t) for t in (table, table.T))]
+    assert len(copies) == 1, copies
+
+
 # ----------------------------------------------------------------------------------------------------- int8 check
 @pytest.fixture(scope="module")
 def trained_agency():

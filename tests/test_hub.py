@@ -21,6 +21,7 @@ import threading
 import pytest
 import torch
 import transformers
+from conftest import bare_python
 from hub_server import HubServer
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -184,25 +185,6 @@ def test_remote_code_auto_map_matches_architectures():
 def test_save_pretrained_push_to_hub_refused(tmp_path):
     with pytest.raises(ValueError, match="push_to_hub"):
         tiny_model("agency_gpt2").save_pretrained(tmp_path, push_to_hub=True)
-
-
-BARE_VENV = os.path.join(REPO, ".cache", f"bare-venv-transformers-{transformers.__version__}")  # one per stack
-
-
-def bare_python():
-    """A virtualenv that sees torch and transformers (this venv's site-packages, through a .pth file) but not
-    armada: .pth files inside that folder, such as armada's editable-install finder, are not processed."""
-    python = os.path.join(BARE_VENV, "bin", "python")
-    if not os.path.exists(python):
-        subprocess.run([sys.executable, "-m", "venv", "--without-pip", BARE_VENV], check=True)
-    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          check=True, capture_output=True, text=True).stdout.strip()
-    pth = os.path.join(site, "project-site-packages.pth")
-    packages = os.path.dirname(os.path.dirname(transformers.__file__))
-    if not os.path.isfile(pth) or open(pth).read().strip() != packages:  # this venv's, not another's
-        with open(pth, "w") as f:
-            f.write(packages + "\n")
-    return python
 
 
 REMOTE_LOAD = INPUTS + """

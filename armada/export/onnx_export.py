@@ -487,9 +487,39 @@ def export_graph(model, graph, directory, opset=DEFAULT_OPSET, backend=None):
                           input_names=list(graph.inputs), output_names=list(graph.outputs),
                           dynamic_axes={**graph.inputs, **graph.outputs}, opset_version=opset,
                           do_constant_folding=True)
+    import onnx
+
+    path = os.path.join(directory, ONNX_FILE)
+    onnx.save(share_transposed_tables(onnx.load(path)), path)
     model.config.save_pretrained(directory)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
+
+
+def share_transposed_tables(onnx_model):
+    """The TorchScript exporter writes a tied output head (lm_head = wte) twice: the embedding table for its Gather,
+    and the table's transpose, constant-folded into a second initializer, for the head's MatMul. As optimum's
+    exporter does, keep the Gather's table and feed the MatMul a Transpose of it, so the file holds the vocabulary
+    once (ONNX Runtime folds the Transpose when it loads the graph)."""
+    from onnx import helper, numpy_helper
+
+    graph = onnx_model.graph
+    used_elsewhere = {name for node in graph.node if node.op_type != "Gather" for name in node.input}
+    tables = [init for init in graph.initializer if len(init.dims) == 2 and init.name not in used_elsewhere
+              and any(node.op_type == "Gather" and node.input[0] == init.name for node in graph.node)]
+    for table in tables:
+        values = numpy_helper.to_array(table)
+        for copy in [init for init in graph.initializer if list(init.dims) == list(table.dims)[::-1]
+                     and init.data_type == table.data_type]:
+            if not np.array_equal(values.T, numpy_helper.to_array(copy)):
+                continue
+            transposed = f"{table.name}_transposed"
+            first = next(i for i, node in enumerate(graph.node) if copy.name in node.input)
+            graph.node.insert(first, helper.make_node("Transpose", [table.name], [transposed], name=transposed))
+            for node in graph.node:
+                node.input[:] = [transposed if name == copy.name else name for name in node.input]
+            graph.initializer.remove(copy)
+    return onnx_model
 
 
 @contextlib.contextmanager
